@@ -469,6 +469,31 @@ static PyObject *R_find_not64(RegionObject *self, PyObject *const *args, Py_ssiz
     return PyLong_FromLong(-1);
 }
 
+
+/* put_row(row, v0, ..., vk): store k+1 int64 values at row * (k+1) * 8 (an event-buffer row).
+ * Plain stores: event buffers are private to their process. */
+static PyObject *R_put_row(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 17) {
+        PyErr_SetString(PyExc_TypeError, "put_row(row, v0, ...) takes 1 to 16 values");
+        return NULL;
+    }
+    Py_ssize_t row = PyLong_AsSsize_t(args[0]);
+    if (row == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t k = nargs - 1;
+    if (row < 0 || row > self->size / (k * 8) - 1) {
+        PyErr_Format(PyExc_IndexError, "event row %zd out of range", row);
+        return NULL;
+    }
+    int64_t *p = (int64_t *)(self->base + row * k * 8);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (get_i64(args[i + 1], &p[i]))
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Region_repr(RegionObject *self)
 {
     if (!self->base)
@@ -500,6 +525,7 @@ static PyMethodDef Region_methods[] = {
     {"fill64", (PyCFunction)(void (*)(void))R_fill64, METH_FASTCALL, "fill64(off, nwords, pattern)"},
     {"find_not64", (PyCFunction)(void (*)(void))R_find_not64, METH_FASTCALL,
      "find_not64(off, nwords, pattern) -> first differing index or -1"},
+    {"put_row", (PyCFunction)(void (*)(void))R_put_row, METH_FASTCALL, "put_row(row, v0, ..., vk): store an event row"},
     {"close", (PyCFunction)Region_close, METH_NOARGS, "release the buffer"},
     {NULL, NULL, 0, NULL},
 };

@@ -151,8 +151,8 @@ def validate(c: RunConfig) -> None:
             raise ConfigError(f"CPU count for role {role} must be a non-negative integer (got {n!r})")
     if c.nr_cpus <= 0:
         raise ConfigError("a run needs at least one simulated CPU; give e.g. --app 1 --khugepaged 1")
-    if c.nr_cpus > 64:
-        raise ConfigError(f"{c.nr_cpus} simulated CPUs: at most 64 are supported (mm_cpumask is one word)")
+    if c.nr_cpus > 63:
+        raise ConfigError(f"{c.nr_cpus} simulated CPUs: at most 63 are supported (mm_cpumask is one word)")
     if c.flush not in {m.value for m in FlushMode}:
         raise ConfigError(f"unknown flush mode {c.flush!r}; choose one of: {_choices(FlushMode)}")
     if c.ptl not in {m.value for m in PtlMode}:

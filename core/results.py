@@ -7,21 +7,32 @@ so a file read years later still says what produced it (pyperf keeps its format 
 Schema history (bump SCHEMA_VERSION and add a line for every change; readers accept every
 version listed here and refuse newer ones with a message that says to upgrade):
   1  first format: event columns below; metadata keys schema_version, run_id, kind, params,
-     host, calibration, violations, summary.
+     host, calibration, violations, summary; optional ``runs`` (a list of per-run metadata)
+     in a merged file that holds the events of several runs.
+
+When a version 2 appears, add its upgrade from 1 to ``_UPGRADES`` (a function that turns a
+version-1 table and metadata into version-2 ones), so every reader sees the newest layout.
+
+Beyond one file: :func:`find_result_files` expands files and directories (recursively, also
+a sweep's hive-partitioned ``merged/strategy=X/*.arrow``), :func:`read_runs` reads them into
+one :class:`RunResult` per run, :func:`concat_events` pools their events into one table with
+unified dictionaries, and :func:`write_merged` writes such a partitioned directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 SCHEMA_VERSION = 1
@@ -57,6 +68,8 @@ EVENT_FIELDS: tuple[pa.Field, ...] = (
 EVENT_SCHEMA = pa.schema(list(EVENT_FIELDS))
 STRING_COLUMNS = tuple(f.name for f in EVENT_FIELDS if pa.types.is_dictionary(f.type))
 PHASE_COLUMNS = ("lock_ns", "unmap_ns", "flush_ns", "refcheck_ns", "copy_ns", "install_ns")
+# File name endings taken as result files when a directory is given.
+RESULT_SUFFIXES = (".arrow", ".ipc", ".feather")
 
 
 class ResultFileError(Exception):
@@ -70,6 +83,45 @@ class RunResult:
     path: Path
     table: pa.Table
     meta: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.meta.get("run_id", self.path.stem))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.meta.get("params") or {})
+
+    @property
+    def host(self) -> dict[str, Any]:
+        return dict(self.meta.get("host") or {})
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "sim"))
+
+    @property
+    def strategy(self) -> str:
+        """The strategy from the parameters, else the (single) value of the strategy column."""
+        s = self.params.get("strategy")
+        if s:
+            return str(s)
+        values = pc.unique(self.table.column("strategy").cast(pa.string())).to_pylist()
+        return str(values[0]) if values else "unknown"
+
+    @property
+    def duration_s(self) -> float:
+        """Measured run time in seconds: ``summary.duration_s`` if recorded, else the
+        ``duration_s`` parameter, else the span of the events (0.0 for an empty run)."""
+        for src in (self.meta.get("summary") or {}, self.params):
+            d = src.get("duration_s")
+            if isinstance(d, (int, float)) and d > 0:
+                return float(d)
+        if self.table.num_rows == 0:
+            return 0.0
+        t0 = pc.min(self.table.column("t_start_ns")).as_py()
+        t1 = pc.max(pc.add(self.table.column("t_start_ns"), self.table.column("latency_ns"))).as_py()
+        return max(0.0, (t1 - t0) / 1e9)
 
 
 def build_table(columns: Mapping[str, Any], meta: Mapping[str, Any]) -> pa.Table:
@@ -124,22 +176,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot store {type(o).__name__} in result metadata")
 
 
-def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
-    """Write atomically: a temp file in the same directory, fsync, then rename.
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """Open ``path`` for writing (binary) so that it appears whole or not at all.
 
-    An interrupted write never leaves a half file under the final name.  Raises
-    ResultFileError when the directory cannot be created or written.
+    Writes go to a hidden temp file in the same directory, which is fsynced and renamed over
+    ``path`` when the block ends normally, and removed if it raises (even KeyboardInterrupt).
+    Raises ResultFileError when the directory cannot be created or written.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise ResultFileError(f"cannot write results to {path.parent}: {e.strerror}") from None
+        raise ResultFileError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            with ipc.new_file(f, table.schema) as w:
-                w.write_table(table)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -149,6 +202,25 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see atomic_output)."""
+    with atomic_output(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write atomically: a temp file in the same directory, fsync, then rename.
+
+    An interrupted write never leaves a half file under the final name.  Raises
+    ResultFileError when the directory cannot be created or written.
+    """
+    path = Path(path)
+    with atomic_output(path) as f:
+        with ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
     return path
 
 
@@ -157,23 +229,58 @@ def write_run(path: str | os.PathLike[str], columns: Mapping[str, Any], meta: Ma
     return write_table(build_table(columns, meta), path)
 
 
-def read_run(path: str | os.PathLike[str]) -> RunResult:
-    """Read one result file.  Raises ResultFileError with a one-line reason on any problem."""
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Only the decoded ``ptlab`` metadata of a result file (reads the schema, not the
+    events).  Raises ResultFileError like read_run."""
     path = Path(path)
-    if not path.exists():
-        raise ResultFileError(f"{path}: no such file")
+    _check_exists(path)
+    try:
+        with pa.memory_map(str(path), "r") as src:
+            schema = ipc.open_file(src).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ResultFileError(f"{path}: not a ptlab Arrow file ({str(e).splitlines()[0]})") from None
+    return _decode_meta(path, schema)
+
+
+def read_run(path: str | os.PathLike[str]) -> RunResult:
+    """Read one result file.  Raises ResultFileError with a one-line reason on any problem.
+
+    The table always has the current EVENT_SCHEMA columns and types: older files are upgraded,
+    and a column a file leaves out because its directory names it (``strategy=X/``, as
+    pyarrow.dataset writes hive partitions) is filled from the directory name.
+    """
+    path = Path(path)
+    _check_exists(path)
     try:
         with pa.memory_map(str(path), "r") as src:
             table = ipc.open_file(src).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise ResultFileError(f"{path}: not a ptlab Arrow file ({str(e).splitlines()[0]})") from None
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    meta = _decode_meta(path, table.schema)
+    version = meta["schema_version"]
+    for v in range(version, SCHEMA_VERSION):
+        table, meta = _UPGRADES[v](table, meta)
+    table = _normalize(path, table, _hive_keys(path))
+    return RunResult(path=path, table=table, meta=meta)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise ResultFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ResultFileError(f"{path}: is a directory, expected a result file (.arrow)")
+
+
+def _decode_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ResultFileError(f"{path}: Arrow file without ptlab metadata")
     try:
         meta = json.loads(raw)
     except ValueError:
         raise ResultFileError(f"{path}: corrupt ptlab metadata") from None
+    if not isinstance(meta, dict):
+        raise ResultFileError(f"{path}: corrupt ptlab metadata (not a JSON object)")
     version = meta.get("schema_version")
     if not isinstance(version, int):
         raise ResultFileError(f"{path}: metadata has no schema_version")
@@ -184,4 +291,176 @@ def read_run(path: str | os.PathLike[str]) -> RunResult:
         )
     if version not in SUPPORTED_VERSIONS:
         raise ResultFileError(f"{path}: schema version {version} is not readable by this ptlab")
-    return RunResult(path=path, table=table, meta=meta)
+    return meta
+
+
+# version -> function upgrading (table, meta) of that version to version + 1.
+_UPGRADES: dict[int, Callable[[pa.Table, dict[str, Any]], tuple[pa.Table, dict[str, Any]]]] = {}
+
+
+def _hive_keys(path: Path) -> dict[str, str]:
+    """``key=value`` directory names above ``path`` (nearest wins), as hive partitioning."""
+    keys: dict[str, str] = {}
+    for part in reversed(path.parent.parts):
+        k, sep, v = part.partition("=")
+        if sep and k and k not in keys:
+            keys[k] = v
+    return keys
+
+
+def _normalize(path: Path, table: pa.Table, hive: Mapping[str, str]) -> pa.Table:
+    """Bring a table to EVENT_SCHEMA: fill partition columns and defaults, cast types.
+    Extra columns (e.g. a sweep's ``cell_*`` grid coordinates) are kept after the event
+    columns."""
+    n = table.num_rows
+    defaults: dict[str, Any] = {"vma": -1, "addr": -1, "during_collapse": False, "waited_on": "",
+                                "result": ""}
+    defaults.update({c: 0 for c in PHASE_COLUMNS + ("spin_ns", "sleep_ns")})
+    arrays = []
+    for f in EVENT_FIELDS:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            if col.type != f.type:
+                try:
+                    if pa.types.is_dictionary(f.type):
+                        col = col.cast(pa.string()).dictionary_encode().cast(f.type)
+                    else:
+                        col = col.cast(f.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise ResultFileError(
+                        f"{path}: column {f.name!r} has type {col.type}, expected {f.type}"
+                    ) from None
+        elif f.name in hive:
+            col = pa.array([hive[f.name]] * n, pa.string()).dictionary_encode().cast(f.type)
+        elif f.name in defaults:
+            col = pa.array([defaults[f.name]] * n, pa.string() if f.name in STRING_COLUMNS else None)
+            col = col.dictionary_encode().cast(f.type) if f.name in STRING_COLUMNS else col.cast(f.type)
+        else:
+            raise ResultFileError(f"{path}: required event column {f.name!r} is missing")
+        arrays.append(col)
+    fields = list(EVENT_FIELDS)
+    for f in table.schema:
+        if f.name not in EVENT_SCHEMA.names:
+            fields.append(f)
+            arrays.append(table.column(f.name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def find_result_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and directories into a sorted, de-duplicated list of result files.
+
+    A directory is searched recursively for ``*.arrow``, ``*.ipc`` and ``*.feather``
+    (hidden files, such as the temp files of a write in progress, are skipped).  Raises
+    ResultFileError for a path that does not exist or a directory with no result files.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    given = list(paths)
+    if not given:
+        raise ResultFileError("no result files given; pass .arrow files or directories holding them")
+    for p in map(Path, given):
+        if not p.exists():
+            raise ResultFileError(f"{p}: no such file or directory")
+        if p.is_dir():
+            found = sorted(
+                q for q in p.rglob("*")
+                if q.is_file() and q.suffix in RESULT_SUFFIXES
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
+            if not found:
+                raise ResultFileError(
+                    f"{p}: directory holds no result files (*.arrow); give the directory a run "
+                    f"or sweep wrote into"
+                )
+        else:
+            found = [p]
+        for q in found:
+            key = q.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
+    return out
+
+
+def split_runs(result: RunResult) -> list[RunResult]:
+    """The runs inside one file: itself for a single-run file; one RunResult per run id for a
+    merged file (metadata from its ``runs`` list; if that is missing every run gets the file's
+    metadata with its own run_id and strategy, marked ``meta["derived_meta"] = True``)."""
+    ids = pc.unique(result.table.column("run_id").cast(pa.string())).to_pylist()
+    runs_meta = result.meta.get("runs")
+    if not runs_meta and (not ids or ids == [result.meta.get("run_id")]):
+        return [result]
+    by_id = {str(m.get("run_id")): m for m in (runs_meta or []) if isinstance(m, dict)}
+    top = {k: v for k, v in result.meta.items() if k != "runs"}
+    out = []
+    run_col = result.table.column("run_id").cast(pa.string())
+    for rid in ids:
+        events = result.table.filter(pc.equal(run_col, rid))
+        if rid in by_id:
+            meta = {**top, **by_id[rid]}
+        else:
+            meta = json.loads(json.dumps(top))
+            meta["run_id"] = rid
+            strategies = pc.unique(events.column("strategy").cast(pa.string())).to_pylist()
+            if len(strategies) == 1:
+                meta.setdefault("params", {})["strategy"] = strategies[0]
+            meta["derived_meta"] = True
+        out.append(RunResult(path=result.path, table=events, meta=meta))
+    return out
+
+
+def read_runs(paths: Iterable[str | os.PathLike[str]]) -> list[RunResult]:
+    """Read every result file under ``paths`` (see find_result_files) into one RunResult per
+    run (see split_runs).  Raises ResultFileError on the first bad file."""
+    runs: list[RunResult] = []
+    for p in find_result_files(paths):
+        runs.extend(split_runs(read_run(p)))
+    return runs
+
+
+def concat_events(runs: Sequence[RunResult]) -> pa.Table:
+    """All events of ``runs`` in one table with unified dictionaries (files write their own
+    dictionaries; this makes them one, so pandas gets one Categorical per column).  Extra
+    columns that only some runs have are null for the others.  The schema carries no ptlab
+    metadata: it describes many runs."""
+    if not runs:
+        return EVENT_SCHEMA.empty_table()
+    tables = [r.table.replace_schema_metadata(None) for r in runs]
+    return pa.concat_tables(tables, promote_options="default").unify_dictionaries().combine_chunks()
+
+
+def read_events(paths: Iterable[str | os.PathLike[str]]) -> pa.Table:
+    """concat_events(read_runs(paths)): every event under ``paths`` in one table."""
+    return concat_events(read_runs(paths))
+
+
+def write_merged(runs: Sequence[RunResult], base_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write runs as a hive-partitioned dataset: ``base_dir/strategy=X/part-0.arrow``.
+
+    Each file holds the events of every run of one strategy, without the ``strategy`` column
+    (the directory names it, as pyarrow.dataset expects), and the per-run metadata in the
+    ``runs`` list of its ``ptlab`` metadata.  Read it back with read_runs(base_dir) or
+    ``pyarrow.dataset.dataset(base_dir, format="arrow", partitioning="hive")``.  Each file is
+    written atomically.  Returns the files written.
+    """
+    by_strategy: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    written = []
+    for strategy, group in sorted(by_strategy.items()):
+        events = concat_events(group).drop_columns(["strategy"])
+        first = group[0].meta
+        meta = {
+            "run_id": f"merged-{strategy}",
+            "kind": first.get("kind", "sim"),
+            "params": {"strategy": strategy},
+            "host": first.get("host", {}),
+            "calibration": [],
+            "violations": [],
+            "summary": {"runs": len(group)},
+            "runs": [{k: v for k, v in r.meta.items() if k not in ("runs", "derived_meta")}
+                     for r in group],
+        }
+        table = events.replace_schema_metadata({METADATA_KEY: encode_meta(meta)})
+        written.append(write_table(table, Path(base_dir) / f"strategy={strategy}" / "part-0.arrow"))
+    return written

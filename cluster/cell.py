@@ -1,0 +1,280 @@
+"""One run ("cell") of one strategy: build the machine in shared memory on this node, start one
+Ray actor per simulated CPU beside it, open the gate, watch for deadlocks and dead CPUs, gather
+the events, run the end-of-run oracle, write the result file, and leave nothing behind.
+
+Ray carries control only (start, stop, gather): the hot path is shared memory.  The actors are
+placed on this node (node affinity, or the bundles of the placement group a sweep reserved), so
+their segments are local.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptlab.core._prims import now_ns
+from ptlab.core.config import RunConfig
+from ptlab.core.cpu import CpuContext
+from ptlab.core.errors import RunFailed
+from ptlab.core.events import to_columns
+from ptlab.core.layout import CPU_PID, CPU_PROGRESS, CPU_STATE, GATE, MAX_CPUS, READY, ST_DONE, STOP, T0
+from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
+from ptlab.core.oracle import check_machine, lock_dump
+from ptlab.core.results import write_run
+from ptlab.core.roles import STOP_FAILED, STOP_WATCHDOG, run_cpu
+
+START_TIMEOUT_S = 120.0
+
+
+def _cpu_actor_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=1, max_restarts=0)
+    class CpuActor:
+        """One simulated CPU: a process of its own, attached to the machine's segments."""
+
+        def run(self, prefix: str, config: dict[str, Any], cpu_id: int, role: str, seed: int, pin_core: int | None) -> dict[str, Any]:
+            return run_cpu(prefix, RunConfig.from_dict(config), cpu_id, role, seed, pin_core)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    return CpuActor
+
+
+def assign_roles(config: RunConfig) -> list[str]:
+    """CPU id -> role, khugepaged last (so CPU 0 is an app CPU when there is one)."""
+    order = ["app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged"]
+    return [role for role in order for _ in range(config.cpus.get(role, 0))]
+
+
+def make_run_id(config: RunConfig) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{config.strategy}-o{config.order}-{stamp}-{secrets.token_hex(3)}"
+
+
+def run_cell(
+    config: RunConfig,
+    out_dir: Path | str | None,
+    *,
+    run_id: str | None = None,
+    placement_group: Any = None,
+    progress: Callable[[str, float], None] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path | dict[str, Any]:
+    """Run one cell and write ``out_dir/<run_id>.arrow``; returns its path (or, when out_dir is
+    None, the columns and metadata).  Raises RunFailed if a CPU died or Ray failed."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    run_id = run_id or make_run_id(config)
+    roles = assign_roles(config)
+    n = len(roles)
+    say = progress or (lambda msg, frac: None)
+    host_cores = os.cpu_count() or 1
+    oversub = n / host_cores
+    pin = n <= host_cores
+    node_id = ray.get_runtime_context().get_node_id()
+    CpuActor = _cpu_actor_class()
+    m = Machine.create(config)
+    actors: list[Any] = []
+    try:
+        driver = CpuContext(m, MAX_CPUS - 1, "app", config, capacity=1)
+        m.ctl.store64(m.L.cpu(MAX_CPUS - 1) + CPU_PID, os.getpid())
+        say("populating memory", 0.0)
+        m.populate(driver, VMA_COLLAPSE)
+        m.populate(driver, VMA_OTHER)
+        say("starting CPUs", 0.05)
+        for i in range(n):
+            if placement_group is not None:
+                strat = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
+            else:
+                strat = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+            actors.append(CpuActor.options(scheduling_strategy=strat, name=None).remote())
+        refs = [
+            a.run.remote(m.prefix, config.to_dict(), i, roles[i], config.seed, (i % host_cores) if pin else None)
+            for i, a in enumerate(actors)
+        ]
+        ref_cpu = {r: i for i, r in enumerate(refs)}
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while m.ctl.load32(READY) < n:
+            done, _ = ray.wait(refs, timeout=0.05)
+            if done:
+                _raise_dead(ray, done, ref_cpu, roles, m)
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the {n} CPU actors did not start within {START_TIMEOUT_S:.0f} s (is the Ray cluster short of CPUs?)")
+        t0 = now_ns()
+        m.ctl.store64(T0, t0)
+        m.ctl.store32(GATE, 1)
+        m.ctl.futex_wake(GATE, 1 << 30)
+        total_s = config.warmup_s + config.duration_s
+        results, watchdog = _monitor(ray, m, refs, ref_cpu, roles, config, t0, total_s, say)
+        errors = [r["error"] for r in results if r["error"]]
+        if errors and not watchdog:
+            raise RunFailed(errors[0])
+        violations = [v for r in results for v in r["violations"]]
+        if watchdog:
+            violations.append(watchdog)
+        else:
+            violations.extend(check_machine(m))
+        say("writing results", 0.98)
+        cols = _columns(results, run_id, config, t0)
+        meta = {
+            "run_id": run_id,
+            "kind": "sim",
+            "params": config.to_dict(),
+            "host": _host(n, oversub, node_id),
+            "calibration": _calibration(),
+            "violations": _relative(violations, t0),
+            "summary": _summary(cols, violations, results),
+            "roles": roles,
+            "cpu_stats": {f"cpu{r['cpu']}": r["stats"] for r in results},
+            "access_sample": 8,
+            **(extra_meta or {}),
+        }
+    finally:
+        m.ctl.cas32(STOP, 0, STOP_FAILED)
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        m.close()
+    if out_dir is None:
+        return {"columns": cols, "meta": meta}
+    return write_run(Path(out_dir) / f"{run_id}.arrow", cols, meta)
+
+
+def _raise_dead(ray: Any, done: list[Any], ref_cpu: dict[Any, int], roles: list[str], m: Machine) -> None:
+    for r in done:
+        cpu = ref_cpu[r]
+        try:
+            ray.get(r)
+        except Exception as e:  # RayActorError and friends
+            m.ctl.cas32(STOP, 0, STOP_FAILED)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {first}") from None
+
+
+def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], roles: list[str], config: RunConfig, t0: int, total_s: float, say: Callable[[str, float], None]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Wait for the CPUs; a CPU with no progress for watchdog_s turns into a failed run with a
+    dump of every lock's holder and waiters (a deadlock is a result, never a hang)."""
+    n = len(refs)
+    last = [m.ctl.load64(m.L.cpu(i) + CPU_PROGRESS) for i in range(n)]
+    changed = [time.monotonic()] * n
+    pending = list(refs)
+    results: dict[int, dict[str, Any]] = {}
+    watchdog = None
+    hard_deadline = time.monotonic() + total_s + config.watchdog_s + 60
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
+        for r in done:
+            cpu = ref_cpu[r]
+            try:
+                results[cpu] = ray.get(r)
+            except Exception:
+                _raise_dead(ray, [r], ref_cpu, roles, m)
+        now = time.monotonic()
+        say("running", min(0.97, (now_ns() - t0) / 1e9 / total_s))
+        if watchdog is None:
+            for i in range(n):
+                p = m.ctl.load64(m.L.cpu(i) + CPU_PROGRESS)
+                if p != last[i] or m.ctl.load32(m.L.cpu(i) + CPU_STATE) == ST_DONE:
+                    last[i], changed[i] = p, now
+                elif now - changed[i] > config.watchdog_s:
+                    dump = lock_dump(m, roles)
+                    watchdog = {
+                        "kind": "deadlock",
+                        "cpu": i,
+                        "role": roles[i],
+                        "page": -1,
+                        "strategy": config.strategy,
+                        "phase": "watchdog",
+                        "t_ns": now_ns(),
+                        "detail": f"no progress on CPU {i} ({roles[i]}) for {config.watchdog_s:g} s; " + "; ".join(dump),
+                    }
+                    m.ctl.cas32(STOP, 0, STOP_WATCHDOG)
+                    m.ctl.futex_wake(STOP, 1 << 30)
+                    break
+        if now > hard_deadline:
+            raise RunFailed("the run did not end: CPUs did not stop after the watchdog fired")
+    return [results[i] for i in range(n)], watchdog
+
+
+def _columns(results: list[dict[str, Any]], run_id: str, config: RunConfig, t0: int) -> dict[str, Any]:
+    parts = [to_columns(r["rows"], r["crows"], r["cpu"], run_id, config.strategy, t0) for r in results]
+    cols: dict[str, Any] = {}
+    for key in parts[0]:
+        vals = [p[key] for p in parts]
+        if isinstance(vals[0], list):
+            cols[key] = [x for v in vals for x in v]
+        else:
+            cols[key] = np.concatenate(vals)
+    warm = int(config.warmup_s * 1e9)
+    keep = np.asarray(cols["t_start_ns"]) >= warm
+    for key, v in cols.items():
+        if isinstance(v, list):
+            cols[key] = [x for x, k in zip(v, keep) if k]
+        else:
+            cols[key] = v[keep]
+    cols["t_start_ns"] = cols["t_start_ns"] - warm
+    order = np.argsort(cols["t_start_ns"], kind="stable")
+    for key, v in cols.items():
+        cols[key] = [v[i] for i in order] if isinstance(v, list) else v[order]
+    return cols
+
+
+def _summary(cols: dict[str, Any], violations: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    op = np.asarray(cols["op"], dtype=object)
+    res = np.asarray(cols["result"], dtype=object)
+    ops, counts = np.unique(op, return_counts=True) if len(op) else ([], [])
+    coll = res[op == "collapse"]
+    cres, ccounts = np.unique(coll, return_counts=True) if len(coll) else ([], [])
+    kinds: dict[str, int] = {}
+    for v in violations:
+        kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
+    return {
+        "events": {str(k): int(c) for k, c in zip(ops, counts)},
+        "collapses": {str(k): int(c) for k, c in zip(cres, ccounts)},
+        "violations": len(violations),
+        "violation_kinds": kinds,
+        "dropped_events": sum(r["stats"]["dropped_events"] for r in results),
+    }
+
+
+def _relative(violations: list[dict[str, Any]], t0: int) -> list[dict[str, Any]]:
+    out = []
+    for v in violations:
+        v = dict(v)
+        if v.get("t_ns"):
+            v["t_ns"] = int(v["t_ns"]) - t0
+        out.append(v)
+    return out
+
+
+def _host(n: int, oversub: float, node_id: str) -> dict[str, Any]:
+    try:
+        from ptlab.core.host import fingerprint
+
+        host = dict(fingerprint())
+    except ImportError:
+        import platform
+
+        host = {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    host.update({"simulated_cpus": n, "oversubscription": round(oversub, 3), "node_id": node_id})
+    return host
+
+
+def _calibration() -> list[dict[str, Any]]:
+    try:
+        from ptlab.core.calibrate import quick_calibration
+    except ImportError:
+        return []
+    return quick_calibration()

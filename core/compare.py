@@ -1,0 +1,833 @@
+"""Compare strategies across result files: distributions, who waits, rates, significance.
+
+What a kernel reviewer wants to know from a set of runs, computed the way pyperf's
+``compare_to``, benchstat and mmtests do it (never a bare percentage threshold):
+
+* **Latency** per strategy and op, all repeats of a strategy pooled: count, median, p90, p99,
+  p99.9 and max, in µs.  A quantile is left out (None) when there are too few events to
+  estimate it (p99 needs 100 events, p99.9 needs 1000): a "p99.9" of 200 events is their max.
+* **Who pays for a collapse.**  For every role other than khugepaged: the spin time (CPU
+  burned on a spinlock) and sleep time (blocked on a futex: mmap_lock, folio lock, migration
+  entry) of the events that *started while a collapse was in progress* (``during_collapse``),
+  summed over all runs of the strategy and divided by the number of collapse attempts in those
+  runs -- ms per collapse.  Totals over all events of the role are kept beside it.
+* **Rates** per run (collapses that succeeded per second, collapses attempted per second,
+  events per second of every op), summarised over repeats by their harmonic mean (mmtests:
+  the harmonic mean is the one that matches "total work over total time" for rates).
+* **Result codes** of the collapses (``SCAN_SUCCEED``, ``SCAN_PAGE_COUNT``, ...), pooled.
+* **Ratios against a baseline strategy.**  Latency: the ratio of medians with a bootstrap 95%
+  interval (runs resampled, then events within them -- repeats are not independent of each
+  other's events) and a two-sided Mann-Whitney U test on the pooled events.  A difference is
+  "significant" only if p < 0.05 *and* the interval excludes 1; otherwise it says "not
+  significant".  Rates: ratio of harmonic means, Mann-Whitney U over the per-run rates --
+  run only when the numbers of repeats allow p < 0.05 at all (4 vs 4 do, 3 vs 3 cannot);
+  otherwise the verdict is "no test (3 vs 3 runs)".
+
+Caveats the numbers carry: events within one run are correlated (the test assumes they are
+not, so p-values on huge samples are optimistic; the interval, which resamples whole runs, is
+the more honest of the two when there are repeats); with repeats the bootstrap uses at most
+BOOTSTRAP_MAX_EVENTS events per side (a random subset), which only widens the interval.
+
+Entry points: :func:`compare_paths` / :func:`compare_runs` return a :class:`Comparison`
+(Arrow tables); :func:`render_markdown`, :func:`render_rich`, :func:`render_text` and
+:func:`write_comparison_arrow` are views of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ptlab.core.errors import ConfigError
+from ptlab.core.host import check_compatible
+from ptlab.core.results import RunResult, atomic_output, read_runs
+from scipy.stats import mannwhitneyu
+
+# Display order; anything else follows alphabetically.
+STRATEGY_ORDER = ("pmd-clear", "ptl-hold", "migration-entry", "kernel-madv-collapse")
+OP_ORDER = ("fault", "access", "gup_fast", "gup_slow", "dma", "mmap", "munmap", "mprotect",
+            "zap", "collapse")
+ROLE_ORDER = ("app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged")
+QUANTILES: tuple[tuple[str, float], ...] = (
+    ("median_us", 0.5), ("p90_us", 0.9), ("p99_us", 0.99), ("p999_us", 0.999),
+)
+ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_MAX_EVENTS = 50_000
+SEED = 20240531  # fixed: the same files always give the same intervals
+COLLAPSE_OK = "SCAN_SUCCEED"
+RATE_COLLAPSE_OK = "collapses_ok/s"
+RATE_COLLAPSE_ALL = "collapses_attempted/s"
+# Rates shown in the views and compared against the baseline (the Arrow table has every op).
+MAIN_RATES = (RATE_COLLAPSE_OK, RATE_COLLAPSE_ALL, "access/s", "fault/s", "gup_fast/s", "mmap/s")
+
+SIGNIFICANT = "significant"
+NOT_SIGNIFICANT = "not significant"
+NO_TEST = "no test"
+
+LATENCY_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("op", pa.string()), ("runs", pa.int64()), ("count", pa.int64()),
+    ("median_us", pa.float64()), ("p90_us", pa.float64()), ("p99_us", pa.float64()),
+    ("p999_us", pa.float64()), ("max_us", pa.float64()),
+])
+WAITS_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("role", pa.string()), ("collapses", pa.int64()),
+    ("spin_ms_per_collapse", pa.float64()), ("sleep_ms_per_collapse", pa.float64()),
+    ("waits_during_collapse", pa.int64()), ("waited_on", pa.string()),
+    ("spin_ms_total", pa.float64()), ("sleep_ms_total", pa.float64()),
+])
+RATES_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("metric", pa.string()), ("runs", pa.int64()),
+    ("hmean_per_s", pa.float64()), ("min_per_s", pa.float64()), ("max_per_s", pa.float64()),
+])
+RESULTS_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("result", pa.string()), ("count", pa.int64()),
+    ("share", pa.float64()),
+])
+RATIOS_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("baseline", pa.string()), ("metric", pa.string()),
+    ("value", pa.float64()), ("baseline_value", pa.float64()), ("ratio", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p99_ratio", pa.float64()),
+    ("p_value", pa.float64()), ("verdict", pa.string()),
+])
+RUNS_SCHEMA = pa.schema([
+    ("path", pa.string()), ("run_id", pa.string()), ("strategy", pa.string()),
+    ("kind", pa.string()), ("duration_s", pa.float64()), ("events", pa.int64()),
+    ("violations", pa.int64()), ("oversubscription", pa.float64()),
+])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The result of comparing strategies.  Every table is an Arrow table (schemas above);
+    times are µs (latency) or ms (waits), rates are per second.
+
+    ``notes`` are one-line caveats the reader must see (oversubscribed runs, runs with
+    correctness violations, hosts compared with --force, ...).
+    """
+
+    baseline: str | None
+    strategies: tuple[str, ...]
+    runs: pa.Table
+    latency: pa.Table
+    waits: pa.Table
+    rates: pa.Table
+    results: pa.Table
+    ratios: pa.Table
+    notes: tuple[str, ...] = ()
+    hosts: tuple[Mapping[str, Any], ...] = field(default=())
+
+    def tables(self) -> dict[str, pa.Table]:
+        return {"runs": self.runs, "latency": self.latency, "waits": self.waits,
+                "rates": self.rates, "results": self.results, "ratios": self.ratios}
+
+    def to_arrow(self) -> pa.Table:
+        """All tables in one long ("tidy") table: section, strategy, key, stat, value, text.
+
+        ``key`` is the op (latency), role (waits), metric (rates, ratios), result code
+        (results) or run id (runs); ``value`` is the number, ``text`` a string value (the
+        verdict of a ratio, the path of a run).  The schema metadata ``ptlab_compare`` holds
+        the baseline, strategies, notes and host fingerprints as JSON.
+        """
+        keys = {"runs": "run_id", "latency": "op", "waits": "role", "rates": "metric",
+                "results": "result", "ratios": "metric"}
+        text_cols = {"runs": ("path", "kind"), "waits": ("waited_on",), "ratios": ("verdict", "baseline")}
+        cols: dict[str, list[Any]] = {k: [] for k in ("section", "strategy", "key", "stat", "value", "text")}
+        for section, table in self.tables().items():
+            key = keys[section]
+            for row in table.to_pylist():
+                for name, v in row.items():
+                    if name in ("strategy", key):
+                        continue
+                    is_text = name in text_cols.get(section, ())
+                    cols["section"].append(section)
+                    cols["strategy"].append(row["strategy"])
+                    cols["key"].append(str(row[key]))
+                    cols["stat"].append(name)
+                    cols["value"].append(None if is_text or v is None else float(v))
+                    cols["text"].append(str(v) if is_text and v is not None else None)
+        meta = {"baseline": self.baseline, "strategies": list(self.strategies),
+                "notes": list(self.notes), "hosts": list(self.hosts)}
+        schema = pa.schema([
+            ("section", pa.string()), ("strategy", pa.string()), ("key", pa.string()),
+            ("stat", pa.string()), ("value", pa.float64()), ("text", pa.string()),
+        ], metadata={b"ptlab_compare": json.dumps(meta, sort_keys=True, default=str).encode()})
+        return pa.table(cols, schema=schema)
+
+
+# --------------------------------------------------------------------------------------------
+# per-run event arrays
+
+
+@dataclass
+class _Events:
+    """One run's events as numpy arrays; string columns as (codes, dictionary)."""
+
+    run: RunResult
+    strings: dict[str, tuple[np.ndarray, list[str]]]
+    latency: np.ndarray
+    spin: np.ndarray
+    sleep: np.ndarray
+    during: np.ndarray
+    t_start: np.ndarray
+
+    @classmethod
+    def of(cls, run: RunResult) -> _Events:
+        t = run.table.unify_dictionaries().combine_chunks()
+        strings: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for name in ("op", "role", "result", "waited_on"):
+            col = t.column(name)
+            if col.num_chunks == 0 or len(col) == 0:
+                strings[name] = (np.zeros(0, dtype=np.int32), [])
+                continue
+            chunk = col.chunk(0)
+            codes = chunk.indices.to_numpy(zero_copy_only=False)
+            if chunk.null_count:
+                codes = np.where(chunk.is_null().to_numpy(zero_copy_only=False), -1, codes)
+            strings[name] = (codes, chunk.dictionary.to_pylist())
+        return cls(
+            run=run,
+            strings=strings,
+            latency=t.column("latency_ns").to_numpy(),
+            spin=t.column("spin_ns").to_numpy(),
+            sleep=t.column("sleep_ns").to_numpy(),
+            during=t.column("during_collapse").fill_null(False).to_numpy(zero_copy_only=False),
+            t_start=t.column("t_start_ns").to_numpy(),
+        )
+
+    def values(self, name: str) -> list[str]:
+        codes, dictionary = self.strings[name]
+        if not len(codes):
+            return []
+        return [dictionary[i] for i in np.unique(codes[codes >= 0])]
+
+    def eq(self, name: str, value: str) -> np.ndarray:
+        codes, dictionary = self.strings[name]
+        try:
+            return codes == dictionary.index(value)
+        except ValueError:
+            return np.zeros(len(codes), dtype=bool)
+
+    def ne(self, name: str, value: str) -> np.ndarray:
+        return ~self.eq(name, value)
+
+
+def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    vs = set(values)
+    return [v for v in order if v in vs] + sorted(vs - set(order))
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def harmonic_mean(rates: Sequence[float]) -> float:
+    """Harmonic mean of per-run rates (0.0 if any rate is 0; NaN for no rates)."""
+    xs = [float(r) for r in rates]
+    if not xs:
+        return math.nan
+    if any(x <= 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1.0 / x for x in xs)
+
+
+def latency_quantiles_us(ns: np.ndarray) -> dict[str, float | None]:
+    """count, median_us, p90_us, p99_us, p999_us, max_us of latencies given in ns.  A quantile
+    q is None when fewer than 1/(1-q) events are available."""
+    n = len(ns)
+    out: dict[str, float | None] = {"count": n}
+    if n == 0:
+        out.update({name: None for name, _ in QUANTILES})
+        out["max_us"] = None
+        return out
+    qs = np.quantile(ns, [q for _, q in QUANTILES]) / 1e3
+    for (name, q), v in zip(QUANTILES, qs, strict=True):
+        out[name] = float(v) if q == 0.5 or n >= round(1.0 / (1.0 - q)) else None
+    out["max_us"] = float(ns.max()) / 1e3
+    return out
+
+
+def bootstrap_median_ratio(
+    samples: Sequence[np.ndarray],
+    baseline: Sequence[np.ndarray],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    max_events: int = BOOTSTRAP_MAX_EVENTS,
+    confidence: float = 0.95,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for median(samples) / median(baseline).
+
+    Each side is a list of per-run arrays.  A resample draws runs with replacement, then
+    events with replacement within the drawn runs (two-level bootstrap), so run-to-run
+    variation widens the interval.  With several runs at most ``max_events`` events per side
+    are used (a random subset, which can only widen the interval).  Returns (low, high); NaN
+    if a side is empty or a baseline median is 0.
+    """
+    rng = np.random.default_rng(seed)
+    a = [np.asarray(s, dtype=np.float64) for s in samples if len(s)]
+    b = [np.asarray(s, dtype=np.float64) for s in baseline if len(s)]
+    if not a or not b:
+        return math.nan, math.nan
+    ma = _median_replicates(a, resamples, max_events, rng)
+    mb = _median_replicates(b, resamples, max_events, rng)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = ma / mb
+    ratios = ratios[np.isfinite(ratios)]
+    if len(ratios) < resamples // 2:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _median_replicates(
+    runs: list[np.ndarray], resamples: int, max_events: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Medians of ``resamples`` bootstrap resamples (runs, then events within them).
+
+    Drawing n events with replacement from a (weighted) empirical distribution and taking
+    their median is the same as taking the empirical quantile at the median of n uniforms,
+    which is Beta((n+1)/2, (n+1)/2) distributed.  So a resample costs one Beta draw (one run)
+    or one cumulative sum over the pooled sorted events (several runs), not a sort.
+    """
+    k = len(runs)
+    if k > 1:
+        runs = _subsample(runs, max_events, rng)
+    x = np.concatenate(runs)
+    labels = np.repeat(np.arange(k), [len(r) for r in runs])
+    order = np.argsort(x, kind="stable")
+    xs, ls = x[order], labels[order]
+    n = len(xs)
+    if k == 1:
+        u = rng.beta((n + 1) / 2, (n + 1) / 2, size=resamples)
+        return xs[np.minimum((u * n).astype(np.int64), n - 1)]
+    out = np.empty(resamples)
+    for i in range(resamples):
+        m = rng.multinomial(k, np.full(k, 1.0 / k))  # how often each run was drawn
+        cw = np.cumsum(m[ls])
+        total = int(cw[-1])
+        v = rng.beta((total + 1) / 2, (total + 1) / 2)
+        out[i] = xs[min(int(np.searchsorted(cw, v * total, side="right")), n - 1)]
+    return out
+
+
+def _subsample(runs: list[np.ndarray], cap: int, rng: np.random.Generator) -> list[np.ndarray]:
+    total = sum(len(r) for r in runs)
+    if total <= cap:
+        return runs
+    return [rng.choice(r, size=max(1, round(len(r) * cap / total)), replace=False) for r in runs]
+
+
+def _mwu_p(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) == 0 or len(b) == 0:
+        return math.nan
+    if np.all(a == a[0]) and np.all(b == a[0]):
+        return 1.0
+    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def _verdict(p: float, lo: float, hi: float) -> str:
+    if not math.isfinite(p):
+        return NO_TEST
+    if p >= ALPHA:
+        return NOT_SIGNIFICANT
+    if math.isfinite(lo) and math.isfinite(hi) and lo <= 1.0 <= hi:
+        return NOT_SIGNIFICANT
+    return SIGNIFICANT
+
+
+def _safe_ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b == 0:
+        return None
+    return a / b
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison
+
+
+def compare_paths(
+    paths: Iterable[str | os.PathLike[str]], *, baseline: str | None = None, force: bool = False
+) -> Comparison:
+    """Read every result file under ``paths`` (files or directories) and compare them.
+
+    See compare_runs for ``baseline`` and ``force``.  Raises ResultFileError for a missing,
+    corrupt or too-new file, ConfigError (IncompatibleHostsError) for incompatible hosts or an
+    unknown baseline.
+    """
+    return compare_runs(read_runs(paths), baseline=baseline, force=force)
+
+
+def compare_runs(
+    runs: Sequence[RunResult], *, baseline: str | None = None, force: bool = False
+) -> Comparison:
+    """Compare runs grouped by strategy (several runs of one strategy are repeats, pooled).
+
+    ``baseline`` is the strategy the others are measured against (default: ``pmd-clear`` if
+    present, today's kernel, else the first strategy in display order).  Raises ConfigError
+    if it names a strategy that is not in the runs, and IncompatibleHostsError (a ConfigError)
+    if the runs come from hosts that differ in CPU model, core count or kernel release, unless
+    ``force`` is set (the mismatch then becomes a note).
+    """
+    if not runs:
+        raise ConfigError("nothing to compare: no runs given")
+    notes: list[str] = []
+    runs = _dedupe(runs, notes)
+    mismatches = check_compatible([(_label(r), r.host) for r in runs], force=force)
+    for m in mismatches:
+        notes.append(f"hosts differ, compared anyway (--force): {m}")
+
+    groups: dict[str, list[_Events]] = {}
+    for r in runs:
+        groups.setdefault(r.strategy, []).append(_Events.of(r))
+    strategies = tuple(_ordered(groups, STRATEGY_ORDER))
+    if baseline is None:
+        baseline = strategies[0]
+    elif baseline not in groups:
+        raise ConfigError(
+            f"--baseline {baseline!r} is not among the compared strategies; choose one of: "
+            f"{', '.join(strategies)}"
+        )
+    _run_notes(runs, notes)
+
+    latency_rows, samples = _latency(groups, strategies)
+    waits_rows = _waits(groups, strategies)
+    rates_rows, per_run_rates = _rates(groups, strategies)
+    results_rows = _results(groups, strategies)
+    ratio_rows = _ratios(strategies, baseline, samples, latency_rows, per_run_rates, rates_rows)
+    runs_rows = [
+        {"path": str(r.path), "run_id": r.run_id, "strategy": r.strategy, "kind": r.kind,
+         "duration_s": r.duration_s, "events": r.table.num_rows,
+         "violations": len(r.meta.get("violations") or []),
+         "oversubscription": _float_or_none(r.host.get("oversubscription"))}
+        for r in runs
+    ]
+    hosts = []
+    for r in runs:
+        if r.host and r.host not in hosts:
+            hosts.append(r.host)
+    return Comparison(
+        baseline=baseline,
+        strategies=strategies,
+        runs=pa.Table.from_pylist(runs_rows, schema=RUNS_SCHEMA),
+        latency=pa.Table.from_pylist(latency_rows, schema=LATENCY_SCHEMA),
+        waits=pa.Table.from_pylist(waits_rows, schema=WAITS_SCHEMA),
+        rates=pa.Table.from_pylist(rates_rows, schema=RATES_SCHEMA),
+        results=pa.Table.from_pylist(results_rows, schema=RESULTS_SCHEMA),
+        ratios=pa.Table.from_pylist(ratio_rows, schema=RATIOS_SCHEMA),
+        notes=tuple(notes),
+        hosts=tuple(hosts),
+    )
+
+
+def _label(r: RunResult) -> str:
+    return r.path.name if r.path.name else str(r.path)
+
+
+def _float_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _dedupe(runs: Sequence[RunResult], notes: list[str]) -> list[RunResult]:
+    """One RunResult per run id (a sweep directory holds each run twice: cells/ and merged/)."""
+    seen: dict[str, RunResult] = {}
+    out = []
+    dups: list[tuple[RunResult, RunResult]] = []
+    for r in runs:
+        if r.run_id in seen:
+            dups.append((seen[r.run_id], r))
+            continue
+        seen[r.run_id] = r
+        out.append(r)
+    if dups:
+        first, again = dups[0]
+        more = f" and {len(dups) - 1} more runs" if len(dups) > 1 else ""
+        notes.append(
+            f"run {first.run_id} (in {first.path} and {again.path}){more} appear in more than one "
+            f"file; each run counted once"
+        )
+    return out
+
+
+def _run_notes(runs: Sequence[RunResult], notes: list[str]) -> None:
+    for r in runs:
+        over = r.host.get("oversubscription")
+        if isinstance(over, (int, float)) and over > 1.0:
+            notes.append(
+                f"run {r.run_id} ({r.strategy}) ran {r.host.get('simulated_cpus', '?')} simulated "
+                f"CPUs on {r.host.get('cores_usable', r.host.get('cores', '?'))} cores "
+                f"(oversubscription {over:g}): its spin times include lock-holder preemption"
+            )
+        nv = len(r.meta.get("violations") or [])
+        if nv:
+            notes.append(
+                f"run {r.run_id} ({r.strategy}) has {nv} correctness violation(s): its timings "
+                f"describe a broken kernel path"
+            )
+        if r.meta.get("derived_meta"):
+            notes.append(
+                f"run {r.run_id} comes from a merged file without per-run metadata; its "
+                f"parameters are those of the file"
+            )
+    kinds = {r.kind for r in runs}
+    if len(kinds) > 1:
+        notes.append(
+            "simulated and kernel runs are compared side by side: simulated times are dilated "
+            "by Python (see each file's calibration table, `ptlab show FILE`)"
+        )
+
+
+def _latency(
+    groups: Mapping[str, list[_Events]], strategies: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[np.ndarray]]]:
+    rows = []
+    samples: dict[tuple[str, str], list[np.ndarray]] = {}
+    for s in strategies:
+        evs = groups[s]
+        ops = _ordered({op for e in evs for op in e.values("op")}, OP_ORDER)
+        for op in ops:
+            per_run = [e.latency[e.eq("op", op)] for e in evs]
+            samples[(s, op)] = per_run
+            pooled = np.concatenate(per_run)
+            q = latency_quantiles_us(pooled)
+            rows.append({"strategy": s, "op": op, "runs": sum(1 for x in per_run if len(x)), **q})
+    return rows, samples
+
+
+def _waits(groups: Mapping[str, list[_Events]], strategies: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for s in strategies:
+        evs = groups[s]
+        collapses = sum(int(e.eq("op", "collapse").sum()) for e in evs)
+        roles = _ordered({ro for e in evs for ro in e.values("role")} - {"khugepaged"}, ROLE_ORDER)
+        for role in roles:
+            spin = sleep = spin_all = sleep_all = 0
+            nwait = 0
+            by_lock: dict[str, int] = {}
+            for e in evs:
+                m = e.eq("role", role)
+                spin_all += int(e.spin[m].sum())
+                sleep_all += int(e.sleep[m].sum())
+                d = m & e.during
+                spin += int(e.spin[d].sum())
+                sleep += int(e.sleep[d].sum())
+                waited = d & ((e.spin > 0) | (e.sleep > 0))
+                nwait += int(waited.sum())
+                codes, dictionary = e.strings["waited_on"]
+                if waited.any():
+                    totals = np.bincount(codes[waited & (codes >= 0)],
+                                         weights=(e.spin + e.sleep)[waited & (codes >= 0)],
+                                         minlength=len(dictionary))
+                    for i, w in enumerate(totals):
+                        if w > 0 and dictionary[i]:
+                            by_lock[dictionary[i]] = by_lock.get(dictionary[i], 0) + int(w)
+            top = sorted(by_lock.items(), key=lambda kv: -kv[1])
+            rows.append({
+                "strategy": s, "role": role, "collapses": collapses,
+                "spin_ms_per_collapse": spin / 1e6 / collapses if collapses else None,
+                "sleep_ms_per_collapse": sleep / 1e6 / collapses if collapses else None,
+                "waits_during_collapse": nwait,
+                "waited_on": ",".join(k for k, _ in top),
+                "spin_ms_total": spin_all / 1e6, "sleep_ms_total": sleep_all / 1e6,
+            })
+    return rows
+
+
+def _rates(
+    groups: Mapping[str, list[_Events]], strategies: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[float]]]:
+    rows = []
+    per_run: dict[tuple[str, str], list[float]] = {}
+    for s in strategies:
+        evs = [e for e in groups[s] if e.run.duration_s > 0]
+        ops = _ordered({op for e in evs for op in e.values("op")} - {"collapse"}, OP_ORDER)
+        metrics: dict[str, list[float]] = {RATE_COLLAPSE_OK: [], RATE_COLLAPSE_ALL: []}
+        metrics.update({f"{op}/s": [] for op in ops})
+        for e in evs:
+            d = e.run.duration_s
+            coll = e.eq("op", "collapse")
+            metrics[RATE_COLLAPSE_OK].append(float((coll & e.eq("result", COLLAPSE_OK)).sum()) / d)
+            metrics[RATE_COLLAPSE_ALL].append(float(coll.sum()) / d)
+            for op in ops:
+                metrics[f"{op}/s"].append(float(e.eq("op", op).sum()) / d)
+        for metric, values in metrics.items():
+            per_run[(s, metric)] = values
+            rows.append({
+                "strategy": s, "metric": metric, "runs": len(values),
+                "hmean_per_s": harmonic_mean(values) if values else None,
+                "min_per_s": min(values) if values else None,
+                "max_per_s": max(values) if values else None,
+            })
+    return rows, per_run
+
+
+def _results(groups: Mapping[str, list[_Events]], strategies: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for s in strategies:
+        counts: dict[str, int] = {}
+        for e in groups[s]:
+            coll = e.eq("op", "collapse")
+            codes, dictionary = e.strings["result"]
+            for i, n in enumerate(np.bincount(codes[coll & (codes >= 0)], minlength=len(dictionary))):
+                if n:
+                    counts[dictionary[i] or "(none)"] = counts.get(dictionary[i] or "(none)", 0) + int(n)
+        total = sum(counts.values())
+        for code, n in sorted(counts.items(), key=lambda kv: (kv[0] != COLLAPSE_OK, -kv[1], kv[0])):
+            rows.append({"strategy": s, "result": code, "count": n, "share": n / total})
+    return rows
+
+
+def _ratios(
+    strategies: Sequence[str],
+    baseline: str,
+    samples: Mapping[tuple[str, str], list[np.ndarray]],
+    latency_rows: Sequence[Mapping[str, Any]],
+    per_run_rates: Mapping[tuple[str, str], list[float]],
+    rates_rows: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    lat = {(r["strategy"], r["op"]): r for r in latency_rows}
+    rates = {(r["strategy"], r["metric"]): r for r in rates_rows}
+    rows = []
+    for s in strategies:
+        if s == baseline:
+            continue
+        for (s2, op), runs in samples.items():
+            if s2 != s or (baseline, op) not in samples:
+                continue
+            a, b = np.concatenate(runs), np.concatenate(samples[(baseline, op)])
+            if len(a) == 0 or len(b) == 0:
+                continue
+            mine, base = lat[(s, op)], lat[(baseline, op)]
+            ratio = _safe_ratio(mine["median_us"], base["median_us"])
+            lo, hi = bootstrap_median_ratio(runs, samples[(baseline, op)])
+            p = _mwu_p(a, b)
+            rows.append({
+                "strategy": s, "baseline": baseline, "metric": f"latency:{op}",
+                "value": mine["median_us"], "baseline_value": base["median_us"], "ratio": ratio,
+                "ci_low": lo if math.isfinite(lo) else None,
+                "ci_high": hi if math.isfinite(hi) else None,
+                "p99_ratio": _safe_ratio(mine["p99_us"], base["p99_us"]),
+                "p_value": p if math.isfinite(p) else None,
+                "verdict": _verdict(p, lo, hi) if ratio is not None else NO_TEST,
+            })
+        for (s2, metric), values in per_run_rates.items():
+            if s2 != s or metric not in MAIN_RATES or (baseline, metric) not in per_run_rates:
+                continue
+            base_values = per_run_rates[(baseline, metric)]
+            if not values or not base_values:
+                continue
+            mine, base = rates[(s, metric)], rates[(baseline, metric)]
+            ratio = _safe_ratio(mine["hmean_per_s"], base["hmean_per_s"])
+            p = math.nan
+            verdict = NO_TEST + f" ({len(values)} vs {len(base_values)} runs)"
+            if _min_rank_p(len(values), len(base_values)) < ALPHA:
+                p = _mwu_p(np.asarray(values), np.asarray(base_values))
+                verdict = _verdict(p, math.nan, math.nan)
+            rows.append({
+                "strategy": s, "baseline": baseline, "metric": f"rate:{metric}",
+                "value": mine["hmean_per_s"], "baseline_value": base["hmean_per_s"], "ratio": ratio,
+                "ci_low": None, "ci_high": None, "p99_ratio": None,
+                "p_value": p if math.isfinite(p) else None,
+                "verdict": verdict if ratio is not None else NO_TEST,
+            })
+    return rows
+
+
+def _min_rank_p(n: int, m: int) -> float:
+    """Smallest two-sided p-value a Mann-Whitney U test of n vs m values can give (all of
+    one sample below all of the other): 2 / C(n+m, n).  3 vs 3 runs: 0.1 -- never
+    significant, so no test is run."""
+    if n < 1 or m < 1:
+        return 1.0
+    return min(1.0, 2.0 / math.comb(n + m, n))
+
+
+def waits_table(runs: Sequence[RunResult]) -> pa.Table:
+    """Only the "who waits for a collapse" table (WAITS_SCHEMA) of ``runs``: no host check,
+    no statistics.  Used by the plots."""
+    groups: dict[str, list[_Events]] = {}
+    for r in runs:
+        groups.setdefault(r.strategy, []).append(_Events.of(r))
+    rows = _waits(groups, _ordered(groups, STRATEGY_ORDER))
+    return pa.Table.from_pylist(rows, schema=WAITS_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# views
+
+
+def fmt_us(v: float | None) -> str:
+    """A time in µs with precision that fits its size ("—" for None)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v < 10:
+        return f"{v:.2f}"
+    if v < 1000:
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_ratio(r: Mapping[str, Any]) -> str:
+    if r["ratio"] is None:
+        return "—"
+    s = f"×{r['ratio']:.3g}"
+    if r["ci_low"] is not None and r["ci_high"] is not None:
+        s += f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+    return s
+
+
+def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, caption, header, rows) of every section, shared by the text and md views."""
+    out = []
+    lat = cmp.latency.to_pylist()
+    out.append((
+        "Latency (µs)", "all repeats pooled; — = too few events for that quantile",
+        ["strategy", "op", "runs", "count", "median", "p90", "p99", "p99.9", "max"],
+        [[r["strategy"], r["op"], str(r["runs"]), f"{r['count']:,}", fmt_us(r["median_us"]),
+          fmt_us(r["p90_us"]), fmt_us(r["p99_us"]), fmt_us(r["p999_us"]), fmt_us(r["max_us"])]
+         for r in lat],
+    ))
+    mm = [r for r in lat if r["op"] in ("mmap", "munmap", "mprotect")]
+    if mm:
+        out.append((
+            "mmap() latency (µs)", "mmap_lock writers: what a collapse costs the rest of the process",
+            ["strategy", "op", "count", "median", "p99", "p99.9", "max"],
+            [[r["strategy"], r["op"], f"{r['count']:,}", fmt_us(r["median_us"]),
+              fmt_us(r["p99_us"]), fmt_us(r["p999_us"]), fmt_us(r["max_us"])] for r in mm],
+        ))
+    out.append((
+        "Who waits for a collapse", "spin = CPU burned on a spinlock, sleep = blocked; events "
+        "that started during a collapse, summed and divided by collapse attempts",
+        ["strategy", "waiter", "collapses", "spin ms/collapse", "sleep ms/collapse",
+         "waits", "waited on", "spin ms total", "sleep ms total"],
+        [[r["strategy"], r["role"], f"{r['collapses']:,}", _fmt(r["spin_ms_per_collapse"]),
+          _fmt(r["sleep_ms_per_collapse"]), f"{r['waits_during_collapse']:,}",
+          r["waited_on"] or "—", _fmt(r["spin_ms_total"]), _fmt(r["sleep_ms_total"])]
+         for r in cmp.waits.to_pylist()],
+    ))
+    out.append((
+        "Rates (per second)", "harmonic mean over repeats [min, max]",
+        ["strategy", "metric", "runs", "hmean", "min", "max"],
+        [[r["strategy"], r["metric"], str(r["runs"]), _fmt(r["hmean_per_s"], 4),
+          _fmt(r["min_per_s"], 4), _fmt(r["max_per_s"], 4)]
+         for r in cmp.rates.to_pylist() if r["metric"] in MAIN_RATES],
+    ))
+    out.append((
+        "Collapse results", "kernel scan result codes, all repeats pooled",
+        ["strategy", "result", "count", "share"],
+        [[r["strategy"], r["result"], f"{r['count']:,}", f"{100 * r['share']:.1f}%"]
+         for r in cmp.results.to_pylist()],
+    ))
+    if cmp.baseline and len(cmp.strategies) > 1:
+        out.append((
+            f"Against {cmp.baseline}",
+            "ratio of medians (latency) or harmonic means (rates) with bootstrap 95% interval; "
+            f"two-sided Mann-Whitney U; significant = p < {ALPHA} and interval excludes 1",
+            ["strategy", "metric", "value", "baseline", "ratio [95% CI]", "p99 ratio", "p", "verdict"],
+            [[r["strategy"], r["metric"],
+              fmt_us(r["value"]) if r["metric"].startswith("latency:") else _fmt(r["value"], 4),
+              fmt_us(r["baseline_value"]) if r["metric"].startswith("latency:") else _fmt(r["baseline_value"], 4),
+              _fmt_ratio(r), "—" if r["p99_ratio"] is None else f"×{r['p99_ratio']:.3g}",
+              _fmt_p(r["p_value"]), r["verdict"]]
+             for r in cmp.ratios.to_pylist()],
+        ))
+    return out
+
+
+def _left(i: int, header: str) -> bool:
+    return i < 2 or header in ("waited on", "verdict", "result")
+
+
+def render_markdown(cmp: Comparison) -> str:
+    """The comparison as GitHub Markdown (one table per section, notes as a list)."""
+    lines = [f"# ptlab comparison: {', '.join(cmp.strategies)}", ""]
+    if cmp.baseline:
+        lines += [f"Baseline: `{cmp.baseline}`. Runs: {cmp.runs.num_rows}.", ""]
+    for title, caption, header, rows in _sections(cmp):
+        lines += [f"## {title}", "", f"_{caption}_", ""]
+        if not rows:
+            lines += ["(no data)", ""]
+            continue
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" if _left(i, h) else "---:" for i, h in enumerate(header)) + "|")
+        for row in rows:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        lines.append("")
+    if cmp.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in cmp.notes] + [""]
+    return "\n".join(lines)
+
+
+def render_rich(cmp: Comparison) -> list[Any]:
+    """The comparison as rich renderables (tables and notes) for a terminal."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[Any] = []
+    for title, caption, header, rows in _sections(cmp):
+        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if _left(i, h) else "right")
+        for row in rows:
+            style = ""
+            if header[-1] == "verdict":
+                style = "bold" if row[-1] == SIGNIFICANT else "dim"
+            t.add_row(*row, style=style)
+        if not rows:
+            t.add_row(*(["(no data)"] + [""] * (len(header) - 1)))
+        out.append(t)
+    for n in cmp.notes:
+        out.append(Text(f"note: {n}", style="yellow"))
+    return out
+
+
+def render_text(cmp: Comparison, *, width: int = 140) -> str:
+    """The terminal view as plain text (no colour), e.g. for a file."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, no_color=True, force_terminal=False)
+    for r in render_rich(cmp):
+        console.print(r)
+    return buf.getvalue()
+
+
+def write_comparison_arrow(cmp: Comparison, path: str | os.PathLike[str]) -> Path:
+    """Write Comparison.to_arrow() as an Arrow IPC file, atomically.  Raises ResultFileError
+    when the file cannot be written."""
+    import pyarrow.ipc as ipc
+
+    table = cmp.to_arrow()
+    path = Path(path)
+    with atomic_output(path) as f:
+        with ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+    return path
+
+
+__all__ = [
+    "Comparison", "compare_paths", "compare_runs", "waits_table", "render_markdown", "render_rich",
+    "render_text", "write_comparison_arrow", "harmonic_mean", "latency_quantiles_us",
+    "bootstrap_median_ratio", "fmt_us", "SIGNIFICANT", "NOT_SIGNIFICANT", "NO_TEST",
+]

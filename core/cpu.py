@@ -1,0 +1,365 @@
+"""One simulated CPU as seen from its own process: its TLB, its IPI mailbox, its interrupt
+points, its sleeps, its accounting, its event recorder and its oracle state.
+
+TLB and shootdown (DESIGN.md "TLB and shootdowns"):
+  - the TLB is private (a dict vpn -> pfn << 1 | writable, FIFO-evicted at ``tlb_entries``); a
+    hit reads and writes the frame directly, without any lock — exactly why a collapse flushes;
+  - ``flush_tlb_range`` in ``ipi`` mode merges the range into each target's mailbox (atomic
+    min/max), bumps its request sequence, raises its IPI flag and waits for every ack; a target
+    acks at its interrupt points (between accesses, inside spin loops, while itself waiting for
+    acks), unless its IRQs are off (GUP-fast), in which case the ack waits for local_irq_enable;
+  - in ``broadcast`` mode (arm64 TLBI, AMD INVLPGB) the flusher publishes the range in a ring and
+    does not wait: every access checks the ring generation first, IRQs off or not, so the
+    entries die without the target's cooperation and GUP-fast is *not* quiesced;
+  - a CPU about to sleep leaves mm_cpumask and drops its whole TLB (lazy TLB), acking anything
+    pending; it rejoins on wake-up.  A flusher stops waiting for a CPU that left the mask, so a
+    flush never waits on a sleeper.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from ptlab.core._prims import now_ns
+from ptlab.core.config import RunConfig
+from ptlab.core.errors import OwnerDied
+from ptlab.core.events import OP, RESULT, ROLE, WAIT, Recorder, pack
+from ptlab.core.layout import (
+    BCAST,
+    BCAST_RING,
+    COLLAPSING,
+    CPU_ALIVE,
+    CPU_IPI_ACK,
+    CPU_IPI_END,
+    CPU_IPI_FLAG,
+    CPU_IPI_REQ,
+    CPU_IPI_START,
+    CPU_IRQ_OFF,
+    CPU_PID,
+    CPU_PROGRESS,
+    CPU_STATE,
+    CPU_WAITING,
+    MM_CPUMASK,
+    ST_IPI_WAIT,
+    ST_RUN,
+    STOP,
+    TLB_GEN,
+)
+from ptlab.core.machine import Machine
+
+NO_RANGE_START = 1 << 62
+BCAST_CLAIM = 56  # ctl header: i64 claim counter for the broadcast ring
+IPI_BUDGET_NS = 20_000_000
+
+
+class Stopped(Exception):
+    """The run was stopped (time up, watchdog, another CPU failed): unwind and report."""
+
+
+class CpuContext:
+    """Per-process state of one simulated CPU."""
+
+    def __init__(self, m: Machine, cpu_id: int, role: str, config: RunConfig, *, sample: int = 8, capacity: int = 200_000, tlb_entries: int = 64, seed: int = 0) -> None:
+        self.m = m
+        self.id = cpu_id
+        self.owner_tag = cpu_id + 1
+        self.role = role
+        self.role_code = ROLE[role]
+        self.config = config
+        self.strategy = config.strategy
+        self.bugs = frozenset(config.inject_bugs)
+        self.broadcast = config.flush == "broadcast"
+        self.nr_cpus = config.nr_cpus
+        L = m.L
+        self.base = L.cpu(cpu_id)
+        self.ipi_flag_off = self.base + CPU_IPI_FLAG
+        self.ctl = m.ctl
+        self.tlb: dict[int, int] = {}
+        self.tlb_entries = tlb_entries
+        self.tlb_gen = self.ctl.load64(TLB_GEN)
+        self.irqs_off = False
+        self.spin_ns = 0
+        self.sleep_ns = 0
+        self.wait_max = 0
+        self.wait_kind = ""
+        self.phase = ""
+        self.violations: list[dict[str, Any]] = []
+        self.rng = random.Random((seed << 8) ^ cpu_id)
+        self.chaos_on = config.chaos
+        self.sample = sample
+        self.rec = Recorder(capacity, max(1000, capacity // 20))
+        self.stats: dict[str, int] = {"ipis_serviced": 0, "tlb_flush_all": 0, "sleeps": 0}
+        self._progress = 0
+
+    # ------------------------------------------------------------------ registration
+    def register(self) -> None:
+        ctl = self.ctl
+        ctl.store64(self.base + CPU_PID, os.getpid())
+        ctl.store32(self.base + CPU_ALIVE, 1)
+        ctl.store64(self.base + CPU_IPI_START, NO_RANGE_START)
+        ctl.store64(self.base + CPU_IPI_END, -1)
+        self.join_cpumask()
+
+    def join_cpumask(self) -> None:
+        self.ctl.fetch_or64(MM_CPUMASK, 1 << self.id)  # full barrier: before any page-table read
+
+    def leave_cpumask(self) -> None:
+        self.ctl.fetch_and64(MM_CPUMASK, ~(1 << self.id))
+        self.tlb.clear()
+        self.stats["tlb_flush_all"] += 1
+        self._ack_all()
+
+    # ------------------------------------------------------------------ interrupts
+    def interrupt_point(self) -> None:
+        """Between accesses and inside spin loops: take a pending flush IPI unless IRQs are off."""
+        if not self.irqs_off and self.ctl.load32(self.ipi_flag_off):
+            self.service_ipi()
+
+    def service_ipi(self) -> None:
+        ctl, b = self.ctl, self.base
+        ctl.store32(b + CPU_IPI_FLAG, 0)
+        req = ctl.load64(b + CPU_IPI_REQ)
+        start = ctl.xchg64(b + CPU_IPI_START, NO_RANGE_START)
+        end = ctl.xchg64(b + CPU_IPI_END, -1)
+        if start <= end:
+            self.tlb_drop(start, end)
+        ctl.store64(b + CPU_IPI_ACK, req)
+        self.stats["ipis_serviced"] += 1
+
+    def _ack_all(self) -> None:
+        ctl, b = self.ctl, self.base
+        ctl.store32(b + CPU_IPI_FLAG, 0)
+        ctl.store64(b + CPU_IPI_START, NO_RANGE_START)
+        ctl.store64(b + CPU_IPI_END, -1)
+        ctl.store64(b + CPU_IPI_ACK, ctl.load64(b + CPU_IPI_REQ))
+
+    def local_irq_disable(self) -> None:
+        self.irqs_off = True
+        self.ctl.store32(self.base + CPU_IRQ_OFF, 1)
+
+    def local_irq_enable(self) -> None:
+        self.irqs_off = False
+        self.ctl.store32(self.base + CPU_IRQ_OFF, 0)
+        self.interrupt_point()
+
+    # ------------------------------------------------------------------ TLB
+    def tlb_drop(self, start: int, end: int) -> None:
+        """Drop translations for vpns in [start, end)."""
+        tlb = self.tlb
+        if end - start >= len(tlb):
+            for v in [v for v in tlb if start <= v < end]:
+                del tlb[v]
+        else:
+            for v in range(start, end):
+                tlb.pop(v, None)
+
+    def tlb_fill(self, vpn: int, pfn: int, write: bool) -> None:
+        tlb = self.tlb
+        if len(tlb) >= self.tlb_entries:
+            del tlb[next(iter(tlb))]
+        tlb[vpn] = pfn << 1 | write
+
+    def check_broadcast(self) -> None:
+        """Apply broadcast invalidations published since our last look (hardware, IRQs or not)."""
+        gen = self.ctl.load64(TLB_GEN)
+        if gen == self.tlb_gen:
+            return
+        if gen - self.tlb_gen >= BCAST_RING:
+            self.tlb.clear()
+        else:
+            for g in range(self.tlb_gen + 1, gen + 1):
+                slot = BCAST + (g % BCAST_RING) * 16
+                self.tlb_drop(self.ctl.load64(slot), self.ctl.load64(slot + 8))
+            if self.ctl.load64(TLB_GEN) - self.tlb_gen >= BCAST_RING:
+                self.tlb.clear()
+        self.tlb_gen = gen
+
+    def flush_tlb_range(self, start: int, end: int) -> int:
+        """flush_tlb_range(vma, start, end) over vpns [start, end): returns ns until complete."""
+        t0 = now_ns()
+        self.tlb_drop(start, end)
+        if self.broadcast:
+            self._broadcast(start, end)
+        else:
+            self._ipi_and_wait(start, end, self._cpumask_others())
+        return now_ns() - t0
+
+    def tlb_remove_table_sync_one(self) -> int:
+        """An empty IPI to every other CPU, waiting for each (mm/mmu_gather.c): after it, no
+        IRQs-off GUP-fast walker that started before can still be in the old table."""
+        t0 = now_ns()
+        others = [c for c in range(self.nr_cpus) if c != self.id]
+        self._ipi_and_wait(NO_RANGE_START, -1, others)
+        return now_ns() - t0
+
+    def _cpumask_others(self) -> list[int]:
+        mask = self.ctl.load64(MM_CPUMASK) & ~(1 << self.id)
+        return [c for c in range(self.nr_cpus) if mask >> c & 1]
+
+    def _broadcast(self, start: int, end: int) -> None:
+        ctl = self.ctl
+        g = ctl.fetch_add64(BCAST_CLAIM, 1) + 1
+        slot = BCAST + (g % BCAST_RING) * 16
+        ctl.store64(slot, start)
+        ctl.store64(slot + 8, end)
+        while not ctl.cas64(TLB_GEN, g - 1, g):  # publish in claim order
+            self.interrupt_point()
+            self.check_stop()
+
+    def _ipi_and_wait(self, start: int, end: int, targets: list[int]) -> None:
+        if not targets:
+            return
+        ctl, L = self.ctl, self.m.L
+        want = {}
+        for c in targets:
+            b = L.cpu(c)
+            if start <= end:
+                while True:  # merge the range: atomic min on start, max on end
+                    s = ctl.load64(b + CPU_IPI_START)
+                    if s <= start or ctl.cas64(b + CPU_IPI_START, s, start):
+                        break
+                while True:
+                    e = ctl.load64(b + CPU_IPI_END)
+                    if e >= end or ctl.cas64(b + CPU_IPI_END, e, end):
+                        break
+            want[c] = ctl.fetch_add64(b + CPU_IPI_REQ, 1) + 1
+            ctl.store32(b + CPU_IPI_FLAG, 1)
+        ctl.store32(self.base + CPU_STATE, ST_IPI_WAIT)
+        t0 = now_ns()
+        last_check = t0
+        try:
+            while want:
+                mask = ctl.load64(MM_CPUMASK)
+                for c in list(want):
+                    b = L.cpu(c)
+                    # a CPU that left mm_cpumask dropped its whole TLB and is idle (not in a walk)
+                    if ctl.load64(b + CPU_IPI_ACK) >= want[c] or not mask >> c & 1:
+                        del want[c]
+                if not want:
+                    break
+                # interrupts stay on while smp_call_function_many waits: two flushers must not deadlock
+                if not self.irqs_off and ctl.load32(self.ipi_flag_off):
+                    self.service_ipi()
+                now = now_ns()
+                if now - last_check > IPI_BUDGET_NS:
+                    last_check = now
+                    self.check_stop()
+                    for c in want:
+                        if not self.cpu_alive(c):
+                            raise OwnerDied(f"CPU {c} died before acking a TLB-flush IPI from CPU {self.id}")
+        finally:
+            ctl.store32(self.base + CPU_STATE, ST_RUN)
+        waited = now_ns() - t0
+        if waited > 0:
+            self.account_spin(waited, "tlb")
+
+    # ------------------------------------------------------------------ sleeping
+    def futex_sleep(self, region: Any, off: int, expected: int, timeout_ns: int) -> int:
+        """Sleep on a futex word as a CPU going idle: leave mm_cpumask first (dropping the TLB
+        and acking IPIs) and rejoin on wake.  Returns ns asleep."""
+        self.leave_cpumask()
+        t0 = now_ns()
+        region.futex_wait(off, expected, timeout_ns)
+        dt = now_ns() - t0
+        self.join_cpumask()
+        self.stats["sleeps"] += 1
+        return dt
+
+    # ------------------------------------------------------------------ accounting
+    def account_spin(self, ns: int, kind: str) -> None:
+        self.spin_ns += ns
+        if ns > self.wait_max:
+            self.wait_max, self.wait_kind = ns, kind
+
+    def account_sleep(self, ns: int, kind: str) -> None:
+        self.sleep_ns += ns
+        if ns > self.wait_max:
+            self.wait_max, self.wait_kind = ns, kind
+
+    def set_waiting(self, state: int, lock_id: int) -> None:
+        self.ctl.store32(self.base + CPU_STATE, state)
+        self.ctl.store32(self.base + CPU_WAITING, lock_id)
+
+    def cpu_alive(self, cpu: int) -> bool:
+        pid = self.ctl.load64(self.m.L.cpu(cpu) + CPU_PID)
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def check_stop(self) -> None:
+        if self.ctl.load32(STOP):
+            raise Stopped()
+
+    def progress(self) -> None:
+        self._progress += 1
+        self.ctl.store64(self.base + CPU_PROGRESS, self._progress)
+
+    def collapsing(self) -> bool:
+        return self.ctl.load32(COLLAPSING) > 0
+
+    # ------------------------------------------------------------------ events
+    def op_begin(self) -> tuple[int, int, int]:
+        self.wait_max = 0
+        self.wait_kind = ""
+        return now_ns(), self.spin_ns, self.sleep_ns
+
+    def op_end(self, begin: tuple[int, int, int], op: str, result: str, addr: int, vma: int = -1, order: int = 0, during: bool | None = None) -> int:
+        t0, s0, z0 = begin
+        lat = now_ns() - t0
+        if during is None:
+            during = self.collapsing()
+        self.rec.put(
+            t0,
+            lat,
+            self.spin_ns - s0,
+            self.sleep_ns - z0,
+            addr,
+            pack(OP[op], self.role_code, WAIT[self.wait_kind], RESULT[result], vma, order, during),
+        )
+        self.progress()
+        return lat
+
+    def record_collapse(self, begin: tuple[int, int, int], result: str, addr: int, order: int, phases: list[int]) -> None:
+        t0, s0, z0 = begin
+        lat = now_ns() - t0
+        self.rec.put_collapse(
+            t0,
+            lat,
+            self.spin_ns - s0,
+            self.sleep_ns - z0,
+            addr,
+            pack(OP["collapse"], self.role_code, WAIT[self.wait_kind], RESULT[result], 0, order, True),
+            phases,
+        )
+        self.progress()
+
+    # ------------------------------------------------------------------ oracle + chaos
+    def violation(self, kind: str, page: int = -1, detail: str = "", phase: str | None = None) -> None:
+        if len(self.violations) < 200:
+            self.violations.append(
+                {
+                    "kind": kind,
+                    "cpu": self.id,
+                    "role": self.role,
+                    "page": page,
+                    "strategy": self.strategy,
+                    "phase": phase if phase is not None else self.phase,
+                    "t_ns": now_ns(),
+                    "detail": detail,
+                }
+            )
+
+    def chaos(self, point: str) -> None:
+        """Widen a race window at a named point (a short random delay, like fault injection)."""
+        if self.chaos_on and self.rng.random() < 0.3:
+            until = now_ns() + self.rng.randrange(2_000, 60_000)
+            while now_ns() < until:
+                self.interrupt_point()

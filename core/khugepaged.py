@@ -1,0 +1,277 @@
+"""khugepaged: the scan (hpage_collapse_scan_pmd) and the collapse engine the strategies use.
+
+The scan and every step that all strategies share live here — allocating the target folio,
+revalidating the VMA, isolating the old folios, the reference check, the copy, installing the
+new PTEs or PMD, releasing the old folios — so that a strategy module says only what differs:
+which locks it takes, what it clears and how it restores (STYLE.md §2).  Adding a strategy means
+one module in core/strategies/ and one Strategy enum member.
+
+Reference model during a collapse (mm/khugepaged.c, mm/migrate.c): the scan and the isolation
+check ``folio_ref_count == folio_mapcount`` (is_refcount_suitable); isolation then takes one
+reference per old folio (folio_isolate_lru's folio_get), which the engine drops at the end.  A
+GUP pin shows up as refcount above mapcount (+1024 for a small folio) and fails the check with
+SCAN_PAGE_COUNT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ptlab.core._prims import now_ns
+from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE
+from ptlab.core.cpu import CpuContext
+from ptlab.core.layout import (
+    COLLAPSING,
+    PG_ISOLATED,
+    PG_LOCKED,
+    PG_LRU,
+    _PRESENT,
+    _WRITE,
+    _YOUNG,
+    is_migration_entry,
+    pmd_trans_huge,
+    pte_mk,
+)
+from ptlab.core.machine import VMA_COLLAPSE, Machine
+
+PHASES = ("lock", "unmap", "flush", "refcheck", "copy", "install")
+
+
+@dataclass
+class Collapse:
+    """One collapse attempt of [start, start + nr) into a folio of ``order``: the kernel's
+    collapse_control plus the state a strategy carries between its steps."""
+
+    cpu: CpuContext
+    start: int
+    order: int
+    nr: int = 0
+    i: int = 0  # PMD index
+    first: int = 0  # index of the first PTE in its table
+    t: int = -1  # PTE table
+    target: int = -1  # head pfn of the new folio
+    saved: list[int] = field(default_factory=list)  # original PTEs (for restore and copy)
+    heads: list[int] = field(default_factory=list)  # old folios, locked and isolated
+    phase_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    _t: int = 0
+    _phase: str = ""
+
+    def __post_init__(self) -> None:
+        self.nr = 1 << self.order
+        self.i = self.start >> 9
+        self.first = self.start & (PTRS_PER_PTE - 1)
+
+    @property
+    def m(self) -> Machine:
+        return self.cpu.m
+
+    @property
+    def bugs(self) -> frozenset[str]:
+        return self.cpu.bugs
+
+    # -- phase timing: each step is charged to the phase it belongs to --
+    def phase(self, name: str) -> None:
+        now = now_ns()
+        if self._phase:
+            self.phase_ns[self._phase] += now - self._t
+        self._phase, self._t = name, now
+        self.cpu.phase = name
+
+    def end_phases(self) -> None:
+        self.phase("")
+        self.cpu.phase = ""
+
+    # -- shared steps --------------------------------------------------------------------------
+    def alloc_target(self) -> str:
+        """alloc_charge_folio(): __folio_alloc(order); fails when fragmented."""
+        self.target = self.m.alloc_folio(self.cpu, self.order)
+        return "SCAN_SUCCEED" if self.target >= 0 else "SCAN_ALLOC_HUGE_PAGE_FAIL"
+
+    def free_target(self) -> None:
+        if self.target >= 0:
+            self.m.folio_put(self.cpu, self.target)
+            self.target = -1
+
+    def hugepage_vma_revalidate(self) -> str:
+        start, end, flags = self.m.vma_range(VMA_COLLAPSE)
+        if not flags & 1:
+            return "SCAN_VMA_NULL"
+        if not (start <= self.start and self.start + self.nr <= end):
+            return "SCAN_ADDRESS_RANGE"
+        return "SCAN_SUCCEED"
+
+    def check_pmd_still_valid(self) -> str:
+        pmd = self.m.pmdp_get(self.i)
+        if not pmd & _PRESENT:
+            return "SCAN_PMD_NULL"
+        if pmd_trans_huge(pmd):
+            return "SCAN_PMD_MAPPED"
+        self.t = pmd >> 12
+        return "SCAN_SUCCEED"
+
+    def read_ptes(self) -> list[int]:
+        return [int(x) for x in self.m.ptes_range(self.t, self.first, self.nr)]
+
+    def isolate(self, ptes: list[int], extra_refs: int = 0) -> str:
+        """__collapse_huge_page_isolate(): per present PTE, folio_trylock() (a trylock: we may
+        hold the PTL, and the lock order is folio_lock -> PTL), is_refcount_suitable(), then
+        folio_isolate_lru() taking a reference.  On failure everything is released."""
+        m, cpu = self.m, self.cpu
+        none = 0
+        seen: set[int] = set()
+        max_none = cpu.config.max_ptes_none >> (HPAGE_PMD_ORDER - self.order)
+        for pte in ptes:
+            if pte == 0:
+                none += 1
+                if none > max_none:
+                    self.release_isolated()
+                    return "SCAN_EXCEED_NONE_PTE"
+                continue
+            if not pte & _PRESENT:
+                self.release_isolated()
+                return "SCAN_PTE_NON_PRESENT"
+            head = m.folio_head(pte >> 12)
+            if head < 0:
+                self.release_isolated()
+                return "SCAN_PAGE_NULL"
+            if head in seen:
+                continue  # compound_pagelist: a large folio is handled once
+            seen.add(head)
+            if not m.folio_locks.folio_trylock(cpu, head):
+                self.release_isolated()
+                return "SCAN_PAGE_LOCK"
+            self.heads.append(head)
+            if m.folio_ref_count(head) != m.folio_mapcount(head) + extra_refs:
+                self.release_isolated()
+                return "SCAN_PAGE_COUNT"
+            if not m.folio_flags(head) & PG_LRU:
+                self.release_isolated()
+                return "SCAN_DEL_PAGE_LRU"
+            m.folio_test_set_flag(head, PG_LRU, False)  # folio_isolate_lru()
+            m.folio_test_set_flag(head, PG_ISOLATED, True)
+            m.folio_ref_add(head, 1)
+        if not seen:
+            return "SCAN_PAGE_NULL"
+        return "SCAN_SUCCEED"
+
+    def refs_unexpected(self, mapcount_gone: bool = False) -> bool:
+        """The reference check after clear + flush: any reference beyond the mappings and our
+        isolation reference is a GUP pin (or an in-flight GUP-fast grab)."""
+        m = self.m
+        for head in self.heads:
+            expected = 1 + (0 if mapcount_gone else m.folio_mapcount(head))
+            if m.folio_ref_count(head) != expected:
+                return True
+        return False
+
+    def release_isolated(self) -> None:
+        """release_pte_folios(): putback on the LRU, unlock, drop the isolation reference."""
+        m, cpu = self.m, self.cpu
+        for head in self.heads:
+            isolated = m.folio_flags(head) & PG_ISOLATED
+            if isolated:
+                m.folio_test_set_flag(head, PG_ISOLATED, False)
+                m.folio_test_set_flag(head, PG_LRU, True)
+            m.folio_locks.folio_unlock(cpu, head)
+            if isolated:
+                m.folio_put(cpu, head)
+        self.heads.clear()
+
+    def copy(self, ptes: list[int]) -> None:
+        """__collapse_huge_page_copy(): copy every mapped page, clear every hole.  Interrupts
+        stay on (a flush IPI is taken between pages)."""
+        m, cpu = self.m, self.cpu
+        for j, pte in enumerate(ptes):
+            if pte & _PRESENT or is_migration_entry(pte):
+                m.copy_page(self.target + j, pte >> 12)
+            else:
+                m.clear_page(self.target + j)
+            if j & 15 == 15:
+                cpu.interrupt_point()
+        cpu.chaos("collapse_after_copy")
+
+    def new_ptes(self) -> list[int]:
+        return [pte_mk(self.target + j, write=True, dirty=True, young=True) for j in range(self.nr)]
+
+    def drop_old_mappings(self, ptes: list[int]) -> None:
+        """__collapse_huge_page_copy_succeeded(): folio_remove_rmap_pte() + the mapping's
+        reference for every old PTE, then the isolated folios are released (and freed)."""
+        m, cpu = self.m, self.cpu
+        for pte in ptes:
+            if pte & _PRESENT:
+                head = m.folio_head(pte >> 12)
+                m.folio_mapcount_add(head, -1)
+                m.folio_put(cpu, head)
+        for head in self.heads:
+            m.folio_test_set_flag(head, PG_ISOLATED, False)
+            m.folio_locks.folio_unlock(cpu, head)
+            m.folio_put(cpu, head)
+        self.heads.clear()
+
+
+def scan_pmd(cpu: CpuContext, start: int, order: int) -> str:
+    """hpage_collapse_scan_pmd() for one range: the racy pre-check under the PTL (mmap_lock
+    held for read by the caller).  Returns a ScanResult name."""
+    m = cpu.m
+    nr = 1 << order
+    i, first = start >> 9, start & 511
+    pmd = m.pmdp_get(i)
+    if not pmd & _PRESENT:
+        return "SCAN_PMD_NULL"
+    if pmd_trans_huge(pmd):
+        return "SCAN_PMD_MAPPED"
+    t = pmd >> 12
+    ptl = m.ptl(t)
+    ptl.lock(cpu)  # a stable view of the PTEs while we look at their folios
+    try:
+        ptes = m.ptes_range(t, first, nr)
+    finally:
+        ptl.unlock(cpu)
+    none = int((ptes == 0).sum())
+    if none > cpu.config.max_ptes_none >> (HPAGE_PMD_ORDER - order):
+        return "SCAN_EXCEED_NONE_PTE"
+    present = ptes[ptes != 0]
+    if ((present & _PRESENT) == 0).any():
+        return "SCAN_PTE_NON_PRESENT"
+    if not ((present & _WRITE) != 0).any():
+        return "SCAN_PAGE_RO"
+    if not ((present & _YOUNG) != 0).any():
+        return "SCAN_LACK_REFERENCED_PAGE"
+    heads = {}
+    for j, pte in enumerate(ptes.tolist()):
+        if not pte:
+            continue
+        pfn = pte >> 12
+        head = m.folio_head(pfn)
+        if head < 0:
+            return "SCAN_PAGE_NULL"
+        if head not in heads:
+            heads[head] = (m.folio_order(head), pfn - j)
+    for head, (forder, base) in heads.items():
+        if forder >= order:
+            # already a folio of this order mapped in place: nothing to gain
+            if forder == order and base == head and len(heads) == 1 and none == 0:
+                return "SCAN_PTE_MAPPED_HUGEPAGE"
+            if forder > order:
+                return "SCAN_PTE_MAPPED_HUGEPAGE"
+        flags = m.folio_flags(head)
+        if flags & PG_LOCKED:
+            return "SCAN_PAGE_LOCK"
+        if not flags & PG_LRU:
+            return "SCAN_PAGE_LRU"
+        if not m.is_refcount_suitable(head):
+            return "SCAN_PAGE_COUNT"
+    return "SCAN_SUCCEED"
+
+
+def collapse_range(cpu: CpuContext, strategy: object, start: int, order: int) -> tuple[str, dict[str, int]]:
+    """Run one collapse with a strategy; counts the collapse as in flight for other CPUs'
+    during_collapse flag."""
+    c = Collapse(cpu=cpu, start=start, order=order)
+    cpu.ctl.fetch_add32(COLLAPSING, 1)
+    try:
+        result = strategy.collapse(c)  # type: ignore[attr-defined]
+    finally:
+        c.end_phases()
+        cpu.ctl.fetch_add32(COLLAPSING, -1)
+    return result, c.phase_ns

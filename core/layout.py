@@ -1,0 +1,243 @@
+"""Where everything of one machine lives: segment sizes and byte offsets.
+
+Four segments per machine:
+  ctl     the mm and its locks, VMAs, per-CPU mailboxes, the start gate and run flags
+  pt      the PMD table, a pool of PTE tables (512 entries each), per-page zap epochs
+  folio   per-frame metadata as parallel int32 arrays (refcount, mapcount, flags, ...)
+  frames  the bytes of "physical memory"
+
+Lock words and mailboxes sit in ctl so that a spinning CPU can watch its own IPI word in the
+same region as the lock (one C call spins on both).  Every hot word gets its own 64-byte line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptlab.core.config import PTRS_PER_PTE, RunConfig
+
+LINE = 64
+MAX_CPUS = 64
+MAX_VMAS = 16
+BCAST_RING = 64
+
+# ---- ctl header (byte offsets) ---------------------------------------------------------------
+GATE = 0  # u32 futex: 0 closed, 1 open
+STOP = 4  # u32: 0 running, else a StopReason
+READY = 8  # u32: CPUs attached and waiting at the gate
+COLLAPSING = 12  # u32: collapses in flight (events record during_collapse from it)
+MM_CPUMASK = 16  # i64 bitmask of CPUs whose TLB may hold this mm's entries
+MM_LOCK_SEQ = 24  # i64: bumped by mmap_write_unlock, ending every VMA write lock at once
+TLB_GEN = 32  # i64: broadcast-invalidation generation
+T0 = 40  # i64: start-gate time (monotonic ns)
+NEXT_TABLE = 48  # i32: PTE-table pool allocation cursor (under page_table_lock)
+BCAST = 128  # BCAST_RING x (start, end) i64 pairs
+HEADER_END = BCAST + BCAST_RING * 16
+
+# ---- lock structs (one line each) --------------------------------------------------------------
+# spinlock: +0 word (owner cpu + 1), +8 acquisitions, +16 contended, +24 spin_ns
+# rwsem:    +0 state i64 (readers | WRITER | waiting writers), +8 seq u32 futex, +12 sleepers u32,
+#           +16 owner i32 (writer cpu + 1), +24 readers mask i64, +32 sleep_ns, +40 contended,
+#           +48 acquisitions
+NAMED_LOCKS = ("mmap_lock", "anon_vma", "page_table_lock", "pmd_lock", "zone_lock")
+
+# ---- VMA struct ---------------------------------------------------------------------------------
+# +0 start vpn, +8 end vpn, +16 flags, +24 vm_lock_seq, +32 readers i32 (futex), +36 writer
+# waiting i32, +40 generation (bumped by munmap/mmap so a racing lockless lookup can revalidate)
+VMA_SIZE = LINE
+VMA_START, VMA_END, VMA_FLAGS, VMA_LOCK_SEQ, VMA_READERS, VMA_WWAIT, VMA_GEN = 0, 8, 16, 24, 32, 36, 40
+VM_INUSE, VM_HUGEPAGE, VM_WRITE, VM_ORACLE = 1, 2, 4, 8
+
+# ---- CPU struct ----------------------------------------------------------------------------------
+# +0 pid, +8 ipi_req, +16 ipi_ack, +24 ipi_start, +32 ipi_end, +40 progress, +48 ipi_flag i32,
+# +52 state i32, +56 waiting-on lock id i32, +60 irq_off i32, +64 role i32, +68 alive i32,
+# +72 last progress ns
+CPU_SIZE = 2 * LINE
+CPU_PID, CPU_IPI_REQ, CPU_IPI_ACK, CPU_IPI_START, CPU_IPI_END, CPU_PROGRESS = 0, 8, 16, 24, 32, 40
+CPU_IPI_FLAG, CPU_STATE, CPU_WAITING, CPU_IRQ_OFF, CPU_ROLE, CPU_ALIVE = 48, 52, 56, 60, 64, 68
+
+# CPU_STATE values (for the watchdog's dump)
+ST_RUN, ST_SPIN, ST_SLEEP, ST_IPI_WAIT, ST_DONE = 0, 1, 2, 3, 4
+STATE_NAMES = {ST_RUN: "running", ST_SPIN: "spinning", ST_SLEEP: "sleeping", ST_IPI_WAIT: "waiting for IPI acks", ST_DONE: "done"}
+
+# ---- folio fields (parallel int32 arrays in the folio segment) ---------------------------------
+FOLIO_FIELDS = ("refcount", "mapcount", "flags", "order", "head", "pincount", "lock_owner", "waiters", "next_free", "prev_free")
+PG_LOCKED, PG_LRU, PG_ISOLATED, PG_ANON, PG_BUDDY = 1, 2, 4, 8, 16
+GUP_PIN_COUNTING_BIAS = 1024
+POISON_FREE = 0x6B6B6B6B6B6B6B6B
+
+# ---- PTE / PMD encoding (int64) -------------------------------------------------------------
+# PTE: 0 = none.  bit0 present, bit1 write, bit2 dirty, bit3 young, bit4 migration entry
+#      (not present; swap-type), pfn << 12.
+# PMD: 0 = none.  bit0 present, bit5 huge (leaf), bit1 write; table index or pfn << 12.
+_PRESENT, _WRITE, _DIRTY, _YOUNG, _MIGRATION, _HUGE = 1, 2, 4, 8, 16, 32
+PFN_SHIFT = 12
+
+
+@dataclass(frozen=True)
+class Layout:
+    """All sizes and offsets of one machine, derived from its RunConfig."""
+
+    page_size: int
+    nr_frames: int
+    nr_pmds: int  # PMD entries in the mm (the collapsing VMA, the other VMA, the mmap area)
+    nr_tables: int  # PTE tables in the pool
+    nr_cpus: int
+    vma0_pmds: int
+
+    @classmethod
+    def for_config(cls, c: RunConfig) -> Layout:
+        nr_pmds = c.nr_pmds + 2  # + one PMD for the "other" VMA, one for mmap() churn
+        return cls(
+            page_size=c.page_size,
+            nr_frames=c.frames,
+            nr_pmds=nr_pmds,
+            nr_tables=2 * nr_pmds + 4,
+            nr_cpus=c.nr_cpus,
+            vma0_pmds=c.nr_pmds,
+        )
+
+    # ctl
+    @property
+    def locks_base(self) -> int:
+        return HEADER_END
+
+    def named_lock(self, name: str) -> int:
+        return self.locks_base + NAMED_LOCKS.index(name) * LINE
+
+    def ptl(self, table: int) -> int:
+        return self.locks_base + (len(NAMED_LOCKS) + table) * LINE
+
+    @property
+    def vmas_base(self) -> int:
+        return self.locks_base + (len(NAMED_LOCKS) + self.nr_tables) * LINE
+
+    def vma(self, i: int) -> int:
+        return self.vmas_base + i * VMA_SIZE
+
+    @property
+    def cpus_base(self) -> int:
+        return self.vmas_base + MAX_VMAS * VMA_SIZE
+
+    def cpu(self, i: int) -> int:
+        return self.cpus_base + i * CPU_SIZE
+
+    @property
+    def ctl_size(self) -> int:
+        return self.cpus_base + MAX_CPUS * CPU_SIZE
+
+    # pt
+    def pmd(self, i: int) -> int:
+        return i * 8
+
+    @property
+    def tables_base(self) -> int:
+        return ((self.nr_pmds * 8 + 4095) // 4096) * 4096
+
+    def pte(self, table: int, index: int) -> int:
+        return self.tables_base + (table * PTRS_PER_PTE + index) * 8
+
+    @property
+    def epochs_base(self) -> int:
+        return self.tables_base + self.nr_tables * PTRS_PER_PTE * 8
+
+    @property
+    def nr_pages(self) -> int:
+        return self.nr_pmds * PTRS_PER_PTE
+
+    def epoch(self, vpn: int) -> int:
+        return self.epochs_base + vpn * 4
+
+    @property
+    def deposits_base(self) -> int:
+        return self.epochs_base + self.nr_pages * 4
+
+    def deposit(self, pmd_index: int) -> int:
+        """pgtable_trans_huge_deposit slot of a PMD: the PTE table kept behind a huge PMD."""
+        return self.deposits_base + pmd_index * 8
+
+    @property
+    def pt_size(self) -> int:
+        return self.deposits_base + self.nr_pmds * 8
+
+    # folio
+    def folio_field(self, field: str) -> int:
+        return FOLIO_FIELDS.index(field) * self.nr_frames * 4
+
+    @property
+    def folio_size(self) -> int:
+        return len(FOLIO_FIELDS) * self.nr_frames * 4
+
+    # frames
+    @property
+    def frames_size(self) -> int:
+        return self.nr_frames * self.page_size
+
+    def sizes(self) -> dict[str, int]:
+        return {"ctl": self.ctl_size, "pt": self.pt_size, "folio": self.folio_size, "frames": self.frames_size}
+
+
+# ---- entry helpers ----------------------------------------------------------------------------
+def pte_mk(pfn: int, write: bool = True, dirty: bool = False, young: bool = True) -> int:
+    return (pfn << PFN_SHIFT) | _PRESENT | (_WRITE if write else 0) | (_DIRTY if dirty else 0) | (_YOUNG if young else 0)
+
+
+def pte_mk_migration(pte: int) -> int:
+    """A migration entry carrying the pfn and the write/dirty/young bits of a present PTE."""
+    return (pte & ~_PRESENT) | _MIGRATION
+
+
+def pte_from_migration(entry: int, pfn: int | None = None) -> int:
+    """Rebuild a present PTE from a migration entry (remove_migration_ptes), optionally at a new pfn."""
+    bits = entry & (_WRITE | _DIRTY | _YOUNG)
+    if pfn is None:
+        pfn = entry >> PFN_SHIFT
+    return (pfn << PFN_SHIFT) | _PRESENT | bits
+
+
+def pte_present(pte: int) -> bool:
+    return bool(pte & _PRESENT)
+
+
+def pte_none(pte: int) -> bool:
+    return pte == 0
+
+
+def is_migration_entry(pte: int) -> bool:
+    return bool(pte & _MIGRATION) and not pte & _PRESENT
+
+
+def pte_pfn(pte: int) -> int:
+    return pte >> PFN_SHIFT
+
+
+def pte_write(pte: int) -> bool:
+    return bool(pte & _WRITE)
+
+
+def pte_young(pte: int) -> bool:
+    return bool(pte & _YOUNG)
+
+
+def pte_dirty(pte: int) -> bool:
+    return bool(pte & _DIRTY)
+
+
+def pmd_mk_table(table: int) -> int:
+    return (table << PFN_SHIFT) | _PRESENT
+
+
+def pmd_mk_huge(pfn: int, write: bool = True) -> int:
+    return (pfn << PFN_SHIFT) | _PRESENT | _HUGE | (_WRITE if write else 0)
+
+
+def pmd_none(pmd: int) -> bool:
+    return pmd == 0
+
+
+def pmd_trans_huge(pmd: int) -> bool:
+    return bool(pmd & _PRESENT) and bool(pmd & _HUGE)
+
+
+def pmd_table(pmd: int) -> int:
+    return pmd >> PFN_SHIFT

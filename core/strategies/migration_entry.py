@@ -1,0 +1,117 @@
+"""Strategy C, ``migration-entry``: Dev Jain's proposal — "Take PTL, scan PTEs, isolate and lock
+the folios, set the PTEs to migration entries, check folio references ... drop the PTL ... copy
+... batch set the PTEs, and release the folio locks" — mirroring migrate_pages() for anon folios
+(try_to_migrate_one, remove_migration_ptes), with the pin check after clear + flush (§2.3 A1->A2).
+
+Why the seed's requirements hold:
+  a) GUP-fast cannot grab the folio: the PTEs are cleared and flushed before the reference
+     check, and then replaced by migration entries, which are not present: GUP-fast falls back;
+     a grab that happened before the clear is seen by the check (back-off restores the PTEs).
+  b) No CPU can read or write the folio: the flush removed every translation; a fault that sees
+     a migration entry goes to migration_entry_wait() and *sleeps* on the folio lock, which the
+     collapse holds until the new PTEs are in.
+  c) No ordinary walker can grab the folio: walkers see migration entries and back off or wait;
+     rmap walkers find the folios locked and isolated, and no longer mapped.
+The PTL is held only for the unmap and for the remap, not for the copy.  mmap_lock stays held
+for read (VMA stability), as in the proposal.
+
+Injectable bugs here: ``migration-no-refcheck`` (never checks for pins: a DMA write into the old
+folio during the copy is lost), ``migration-refcheck-before-unmap`` (checks before clearing: a pin
+taken between the check and the clear is missed — the same loss, through a narrower window).
+"""
+
+from __future__ import annotations
+
+from ptlab.core.khugepaged import Collapse
+from ptlab.core.layout import PG_ISOLATED, pte_mk_migration
+
+NAME = "migration-entry"
+
+
+def collapse(c: Collapse) -> str:
+    cpu, m = c.cpu, c.m
+    c.phase("lock")
+    result = c.alloc_target()
+    if result != "SCAN_SUCCEED":
+        return result
+    m.mmap_lock.down_read(cpu)  # the VMA must stay stable for the whole collapse
+    try:
+        result = c.hugepage_vma_revalidate()
+        if result == "SCAN_SUCCEED":
+            result = c.check_pmd_still_valid()
+        if result != "SCAN_SUCCEED":
+            c.free_target()
+            return result
+        ptl = m.ptl(c.t)
+        ptl.lock(cpu)  # the unmap: PTEs change only under it
+        try:
+            if m.pmdp_get(c.i) >> 12 != c.t:
+                c.free_target()
+                return "SCAN_PMD_NULL"
+            c.phase("refcheck")
+            ptes = c.read_ptes()
+            result = c.isolate(ptes)  # folio_trylock + isolate: the folios stay locked to the end
+            if result != "SCAN_SUCCEED":
+                c.free_target()
+                return result
+            c.saved = ptes
+            if "migration-refcheck-before-unmap" in c.bugs and c.refs_unexpected():
+                c.release_isolated()
+                c.free_target()
+                return "SCAN_PAGE_COUNT"
+            cpu.chaos("collapse_before_unmap")
+            # clear all PTEs, one flush, then the pin check, then the migration entries
+            c.phase("unmap")
+            for j in range(c.nr):
+                m.ptep_get_and_clear(c.t, c.first + j)
+            c.phase("flush")
+            cpu.flush_tlb_range(c.start, c.start + c.nr)
+            cpu.chaos("collapse_after_flush")
+            c.phase("refcheck")
+            if "migration-no-refcheck" not in c.bugs and "migration-refcheck-before-unmap" not in c.bugs:
+                if c.refs_unexpected():  # folio_maybe_dma_pinned() / expected refcount
+                    m.set_ptes(c.t, c.first, ptes)
+                    c.release_isolated()
+                    c.free_target()
+                    return "SCAN_PAGE_COUNT"
+            c.phase("unmap")
+            entries = [pte_mk_migration(p) if p else 0 for p in ptes]
+            m.set_ptes(c.t, c.first, entries)
+            for p in ptes:  # try_to_migrate_one(): folio_remove_rmap_pte() + folio_put()
+                if p:
+                    head = m.folio_head(p >> 12)
+                    m.folio_mapcount_add(head, -1)
+                    m.folio_put(cpu, head)
+        finally:
+            ptl.unlock(cpu)
+        # the copy runs with no spinlock: faulting CPUs sleep in migration_entry_wait()
+        c.phase("copy")
+        c.copy(entries)
+        c.phase("install")
+        ptl.lock(cpu)  # remove_migration_ptes(src, dst): under the PTL, only our own entries
+        try:
+            installed = 0
+            new = c.new_ptes()
+            for j, e in enumerate(entries):
+                if e and m.ptep_get(c.t, c.first + j) == e:
+                    m.set_pte_at(c.t, c.first + j, new[j])
+                    installed += 1
+                elif e == 0 and m.ptep_get(c.t, c.first + j) == 0:
+                    m.set_pte_at(c.t, c.first + j, new[j])  # a hole, filled like max_ptes_none
+                    installed += 1
+            m.folio_add_new_anon_rmap(c.target, installed)
+            if installed == 0:
+                m.folio_put(cpu, c.target)  # nothing left to map (all zapped meanwhile)
+        finally:
+            ptl.unlock(cpu)
+        c.target = -1
+        # folio_unlock() of every old folio wakes the sleepers; the isolation refs go
+        for head in c.heads:
+            m.folio_test_set_flag(head, PG_ISOLATED, False)
+            m.folio_locks.folio_unlock(cpu, head)
+            m.folio_put(cpu, head)
+        c.heads.clear()
+        return "SCAN_SUCCEED"
+    finally:
+        m.mmap_lock.up_read(cpu)
+

@@ -1,0 +1,104 @@
+"""Strategy B, ``ptl-hold``: David Hildenbrand's sketch — "you really have to hold the PTL for
+the whole period: from when you temporarily clear PTEs + flush the TLB, when you copy, until
+you re-insert the updated ones" — keeping the original PTEs in a temporary copy for back-off.
+
+Why the seed's requirements hold:
+  a) GUP-fast cannot grab the folio: the PTEs are cleared and the TLB flushed before the
+     reference check, so a walker starting later sees pte_none and falls back (to GUP-slow,
+     which spins on the PTL); one that grabbed earlier is seen by the check, and one in flight
+     re-checks its PTE after the grab and backs off (the flush IPI also waits for it in ipi mode).
+  b) No CPU can read or write the folio: the flush removed every translation, and any fault
+     that sees pte_none must take the PTL to install anything — it spins until the new PTEs are
+     in, then vmf_pte_changed() makes it throw its freshly zeroed folio away.
+  c) No ordinary walker can grab the folio: all of them take this PTL.
+Cost: every CPU that touches the range (or, with ``--ptl mm``, anything mapped by the mm) spins
+for the whole copy, burning its CPU; mmap_lock is held for read throughout (VMA stability), so a
+queued mmap() writer also holds up later mmap_read_lock callers.
+
+Injectable bugs here: ``ptl-hold-no-flush`` (clears but never flushes: a CPU keeps writing the
+old folio through its TLB during and after the copy — lost writes), ``ptl-hold-unlocked-copy``
+(drops the PTL for the copy while the PTEs are none: a fault installs a fresh page that the
+re-insert overwrites — lost writes, leaked folio), ``rfc-v1`` (the first RFC's order: copy under
+the PTL first, then clear and set_ptes, no flush: writes made during the copy are lost).
+"""
+
+from __future__ import annotations
+
+from ptlab.core.khugepaged import Collapse
+
+NAME = "ptl-hold"
+
+
+def collapse(c: Collapse) -> str:
+    cpu, m = c.cpu, c.m
+    c.phase("lock")
+    result = c.alloc_target()
+    if result != "SCAN_SUCCEED":
+        return result
+    m.mmap_lock.down_read(cpu)  # VMA stability; page faults and GUP proceed under it
+    try:
+        result = c.hugepage_vma_revalidate()
+        if result == "SCAN_SUCCEED":
+            result = c.check_pmd_still_valid()
+        if result != "SCAN_SUCCEED":
+            c.free_target()
+            return result
+        ptl = m.ptl(c.t)
+        ptl.lock(cpu)  # held from the clear to the re-insert: every walker of this table waits
+        locked = True
+        try:
+            if m.pmdp_get(c.i) >> 12 != c.t:
+                c.free_target()
+                return "SCAN_PMD_NULL"
+            c.phase("refcheck")
+            ptes = c.read_ptes()
+            result = c.isolate(ptes)
+            if result != "SCAN_SUCCEED":
+                c.free_target()
+                return result
+            c.saved = ptes  # the temporary copy of the original PTEs
+            if "rfc-v1" in c.bugs:
+                # RFC v1: copy first under the PTL, then clear + set_ptes, no flush
+                c.phase("copy")
+                c.copy(ptes)
+                c.phase("unmap")
+                for j in range(c.nr):
+                    m.ptep_get_and_clear(c.t, c.first + j)
+            else:
+                # step 1: clear the PTEs and flush the TLB
+                c.phase("unmap")
+                for j in range(c.nr):
+                    m.ptep_get_and_clear(c.t, c.first + j)
+                cpu.chaos("collapse_after_clear")
+                c.phase("flush")
+                if "ptl-hold-no-flush" not in c.bugs:
+                    cpu.flush_tlb_range(c.start, c.start + c.nr)
+                cpu.chaos("collapse_after_flush")
+                # step 2: unexpected references (GUP pins) -> restore the original PTEs
+                c.phase("refcheck")
+                if c.refs_unexpected():
+                    m.set_ptes(c.t, c.first, ptes)
+                    c.release_isolated()
+                    c.free_target()
+                    return "SCAN_PAGE_COUNT"
+                # step 3: copy, the PTL still held (unless the bug drops it)
+                c.phase("copy")
+                if "ptl-hold-unlocked-copy" in c.bugs:
+                    ptl.unlock(cpu)
+                    locked = False
+                c.copy(ptes)
+                if not locked:
+                    ptl.lock(cpu)
+                    locked = True
+            # step 4: install the new folio's PTEs
+            c.phase("install")
+            m.folio_add_new_anon_rmap(c.target, c.nr)
+            m.set_ptes(c.t, c.first, c.new_ptes())
+            c.target = -1
+        finally:
+            if locked:
+                ptl.unlock(cpu)
+        c.drop_old_mappings(ptes)
+        return "SCAN_SUCCEED"
+    finally:
+        m.mmap_lock.up_read(cpu)
