@@ -10,5 +10,11 @@ setup(
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
             libraries=["pthread"],
         ),
+        Extension(
+            "ptlab.core._kprobe",
+            sources=["core/_kprobe.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+            libraries=["pthread"],
+        ),
     ],
 )

@@ -141,6 +141,8 @@ def compare(
         from rich.console import Console
 
         console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)  # a pipe or a file: no reason to wrap at 80 columns
         for r in render_rich(cmp):
             console.print(r)
 

@@ -418,6 +418,8 @@ class _Driver:
                 self.records[c.cell_id] = CellRecord.for_cell(c)
         self.queue: collections.deque[CellRecord] = collections.deque()
         self.flights: dict[Any, _Flight] = {}
+        # placement groups whose cell finished, by size: reused for the next cell of that size
+        self.pool: dict[int, list[Any]] = collections.defaultdict(list)
         self.nodes: dict[str, dict[str, Any]] = {}
         self.skipped = 0
         self.retries = 0
@@ -506,16 +508,44 @@ class _Driver:
         return max(1.0, self.window * alive)
 
     def _fill(self) -> None:
-        in_flight = sum(f.record.nr_cpus for f in self.flights.values())
+        """Start queued cells: in an idle placement group of the right size when there is one
+        (no placement at all), else in a new group while the window allows."""
         while self.queue:
             rec = self.queue[0]
-            if self.flights and in_flight + rec.nr_cpus > self._window_cpus():
-                return
+            idle = self.pool.get(rec.nr_cpus)
+            if idle:
+                self.queue.popleft()
+                self._submit(rec, idle.pop())
+                continue
+            if self.flights or self._pooled_cpus():
+                if self._reserved_cpus() + rec.nr_cpus > self._window_cpus():
+                    if not self._pooled_cpus():
+                        return
+                    self._release_one()  # an idle group of another size frees its cores
+                    continue
             self.queue.popleft()
-            self._submit(rec)
-            in_flight += rec.nr_cpus
+            self._submit(rec, None)
+        if not self.queue:
+            self._release_pool()
 
-    def _submit(self, rec: CellRecord) -> None:
+    def _pooled_cpus(self) -> int:
+        return sum(n * len(pgs) for n, pgs in self.pool.items())
+
+    def _reserved_cpus(self) -> int:
+        return sum(f.record.nr_cpus for f in self.flights.values()) + self._pooled_cpus()
+
+    def _release_one(self) -> None:
+        for pgs in self.pool.values():
+            if pgs:
+                self._remove_pg(pgs.pop())
+                return
+
+    def _release_pool(self) -> None:
+        for pgs in self.pool.values():
+            while pgs:
+                self._remove_pg(pgs.pop())
+
+    def _submit(self, rec: CellRecord, pg: Any) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -524,11 +554,13 @@ class _Driver:
         rec.node_id = rec.node_ip = ""
         rec.submitted_at = time.time()
         rec.placed_at = 0.0
-        pg = placement_group(
-            [{"CPU": 1}] * rec.nr_cpus,
-            strategy="STRICT_PACK",
-            name=f"ptlab-{rec.cell_id}-{rec.attempts}",
-        )
+        if pg is None:
+            # one core per simulated CPU, all on one node: shared memory does not cross hosts
+            pg = placement_group(
+                [{"CPU": 1}] * rec.nr_cpus,
+                strategy="STRICT_PACK",
+                name=f"ptlab-{rec.cell_id}-{rec.attempts}",
+            )
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
         ref = (
             _cell_task()
@@ -563,20 +595,22 @@ class _Driver:
 
     def _collect(self, ref: Any) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         flight = self.flights.pop(ref)
         rec = flight.record
-        # free the cores first: a queued group can be placed while this result is written
-        with contextlib.suppress(Exception):
-            remove_placement_group(flight.pg)
         try:
             info, data = ray.get(ref)
         except KeyboardInterrupt:
+            self._remove_pg(flight.pg)
             raise
         except Exception as e:
+            # the group may sit on a dead node or hold a crashed cell's actors: never reuse it
+            self._remove_pg(flight.pg)
             self._attempt_failed(rec, e)
             return
+        # the cores are free again: start the next cell in them before writing this result
+        self.pool[rec.nr_cpus].append(flight.pg)
+        self._fill()
         if not flight.placed or rec.placed_at > info["started_at"]:
             # placement is polled: the cell's own start time bounds it more tightly
             self._mark_running(flight, info["node_id"], info["started_at"])
@@ -618,6 +652,8 @@ class _Driver:
         strategy = str(rec.params.get("strategy", "unknown"))
         part = self.out_dir / MERGED_DIR / f"strategy={strategy}" / f"part-{rec.cell_id}.arrow"
         write_table(_with_cell_columns(table, rec), part)
+        with contextlib.suppress(OSError):
+            os.chmod(part, _FILE_MODE)
         rec.part = str(part.relative_to(self.out_dir))
 
     def _attempt_failed(self, rec: CellRecord, e: BaseException) -> None:
@@ -712,10 +748,14 @@ class _Driver:
                         flight.record.status = CANCELLED
                         flight.record.error = "cancelled (sweep interrupted)"
                 self.flights.clear()
+            self._release_pool()
             self._clean_shm()
         except KeyboardInterrupt:
             log.warning("clean-up abandoned by a second interrupt")
         grid = [self.records[c] for c in self.grid_ids]
+        for r in grid:
+            if r.status == RUNNING:  # interrupted between its end and its gathering
+                r.status = CANCELLED
         if all(r.status == DONE for r in grid):
             status = "complete"
         elif interrupted or any(r.status in (PENDING, RUNNING, CANCELLED) for r in grid):
@@ -878,6 +918,15 @@ def _one_line(e: BaseException) -> str:
     return (line or name)[:400]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_bytes(path: Path, data: bytes, check: Callable[[Path], Any] | None = None) -> Any:
     """Write ``data`` so that ``path`` appears whole or not at all (temp file in the same
     directory, fsync, rename).  ``check(temp_path)`` runs before the rename; what it returns is
@@ -890,6 +939,7 @@ def _atomic_bytes(path: Path, data: bytes, check: Callable[[Path], Any] | None =
             f.flush()
             os.fsync(f.fileno())
         result = check(Path(tmp)) if check else None
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

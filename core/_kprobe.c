@@ -17,8 +17,8 @@
  *   collapser   (role khugepaged) MADV_COLLAPSE over the ranges in turn; after each call it
  *               re-splits the range -- MADV_DONTNEED one page (splits the PMD) and touches it
  *               again -- so the next pass always finds work.  Absent in the baseline phase.
- *   fault-same  (role app, vma 0) MADV_DONTNEED a random run of pages, then time the touch of
- *               each (a fault).
+ *   fault-same  (role app, vma 0) MADV_DONTNEED a random run of pages (timed: op zap), then
+ *               time the touch of each (a fault).
  *   fault-other (role app, vma 1) the same in the other VMA.
  *   mmap        (role mmap) mmap() + touch + munmap() of a small anonymous mapping; mmap()
  *               and munmap() are timed (both take mmap_write_lock).
@@ -51,6 +51,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -72,7 +73,7 @@ static const char *const kp_kind_names[KP_NR_KINDS] = {"collapser", "fault-same"
                                                        "mmap", "pin"};
 
 /* Event op codes (Python maps them to the schema's op names). */
-enum kp_op { KP_OP_COLLAPSE, KP_OP_FAULT, KP_OP_MMAP, KP_OP_MUNMAP, KP_OP_PIN };
+enum kp_op { KP_OP_COLLAPSE, KP_OP_FAULT, KP_OP_MMAP, KP_OP_MUNMAP, KP_OP_DMA, KP_OP_ZAP };
 
 #define KP_FLAG_VOLUNTARY 1   /* switched out voluntarily (slept) during the timed call */
 #define KP_FLAG_INVOLUNTARY 2 /* preempted during the timed call */
@@ -96,6 +97,7 @@ struct kp_thread {
     enum kp_kind kind;
     int cpu;         /* requested core, -1: not pinned */
     int pinned;      /* pthread_setaffinity_np succeeded */
+    int idle;        /* runs under SCHED_IDLE */
     int started;
     pthread_t th;
     uint64_t rng;
@@ -231,7 +233,13 @@ static void kp_faulter(struct kp_thread *t, char *base)
     uint64_t seq = 0;
     while (!kp_stopped(ph)) {
         size_t first = (xorshift64(&t->rng) % runs) * ph->zap_pages;
-        madvise(base + first * KP_PAGE_SIZE, ph->zap_pages * KP_PAGE_SIZE, MADV_DONTNEED);
+        kp_sched_read(&s0);
+        int64_t z0 = mono_ns();
+        int rc = madvise(base + first * KP_PAGE_SIZE, ph->zap_pages * KP_PAGE_SIZE, MADV_DONTNEED);
+        int64_t z1 = mono_ns();
+        int err = rc ? errno : 0;
+        kp_sched_read(&s1);
+        kp_record(t, KP_OP_ZAP, z0, z1, &s0, &s1, err, (int32_t)first);
         for (size_t pg = first; pg < first + ph->zap_pages && !kp_stopped(ph); pg++) {
             char *p = base + pg * KP_PAGE_SIZE;
             kp_sched_read(&s0);
@@ -291,7 +299,7 @@ static void kp_pinner(struct kp_thread *t)
         int64_t t1 = mono_ns();
         int err = got < 0 ? errno : (got == (ssize_t)KP_PAGE_SIZE ? 0 : EIO);
         kp_sched_read(&s1);
-        kp_record(t, KP_OP_PIN, t0, t1, &s0, &s1, err, (int32_t)pg);
+        kp_record(t, KP_OP_DMA, t0, t1, &s0, &s1, err, (int32_t)pg);
         if (err == EINVAL || err == EBADF)
             break; /* O_DIRECT refused after all: recorded once, no busy error loop */
     }
@@ -301,6 +309,13 @@ static void *kp_thread_main(void *arg)
 {
     struct kp_thread *t = arg;
     struct kp_phase *ph = t->ph;
+    char name[16];
+    snprintf(name, sizeof(name), "kp-%s", kp_kind_names[t->kind]);
+    pthread_setname_np(pthread_self(), name); /* shows in top, /proc/<pid>/task/<tid>/comm */
+    if (ph->yield && t->kind != KP_COLLAPSER) {
+        struct sched_param sp = {0};
+        t->idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0;
+    }
     if (t->cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);

@@ -784,11 +784,18 @@ def render_rich(cmp: Comparison) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
+    from rich import box
+
     out: list[Any] = []
     for title, caption, header, rows in _sections(cmp):
-        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+        if header[-1] == "verdict":  # the medians are in the latency table above: keep it narrow
+            keep = [i for i, h in enumerate(header) if h not in ("value", "baseline")]
+            header = [header[i] for i in keep]
+            rows = [[row[i] for i in keep] for row in rows]
+        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, title_style="bold")
         for i, h in enumerate(header):
-            t.add_column(h, justify="left" if _left(i, h) else "right")
+            t.add_column(h, justify="left" if _left(i, h) else "right", no_wrap=i == 0)
         for row in rows:
             style = ""
             if header[-1] == "verdict":

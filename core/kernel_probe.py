@@ -14,9 +14,9 @@ How (the timing loops are C threads in ``ptlab.core._kprobe``; no Python runs in
   thread       role        op                vma  what it does
   collapser    khugepaged  collapse          0    MADV_COLLAPSE over N PMD-aligned 2 MiB ranges
                                                   in turn, re-splitting each range afterwards
-  fault-same   app         fault             0    MADV_DONTNEED a random run of pages, time the
-                                                  touch that faults each back in
-  fault-other  app         fault             1    the same in a second VMA of the process
+  fault-same   app         zap, fault        0    MADV_DONTNEED a random run of pages (zap),
+                                                  then time the touch that faults each back in
+  fault-other  app         zap, fault        1    the same in a second VMA of the process
   mmap         mmap        mmap, munmap      -1   mmap()+touch+munmap() of a small mapping
   pin          gup-fast    dma               0    O_DIRECT read into a random page: the page is
                                                   pinned (FOLL_PIN) for the I/O, so a collapse
@@ -48,14 +48,16 @@ batches (every CPU that just faulted) and sleeps until that kworker has run.  Bu
 pinned to the same core as that kworker starve it for a time slice: on a 2-core host, load
 pinned to the second core stretched the median collapse from ~0.2 ms to 2-6 ms and its p99 to
 over 100 ms, which measures the scheduler, not the collapse.  For the same reason the load
-threads ``sched_yield()`` after each batch (8 faults, one mmap cycle), which lets a waiting
+threads ``sched_yield()`` after each batch (one zap and its faults, one mmap cycle), which lets a waiting
 kworker in within microseconds.  ``params.pinning`` records the placement and the
 oversubscription (threads per core).
 
-Fault threads zap a run of ``zap_pages`` pages with one MADV_DONTNEED and then time the fault
-of each page.  With one page per zap, the untimed zap -- which takes the same per-VMA lock --
-would be what meets the collapse's ``vma_start_write()``, and the timed faults almost never
-would.  Note that a fault blocked by a collapse is one event however long it waits, while a
+Fault threads zap a run of ``zap_pages`` (64) pages with one MADV_DONTNEED and then time the
+fault of each page.  With one page per zap, the zap -- which takes the same per-VMA lock and
+costs more than a fault -- would be what meets the collapse's ``vma_start_write()``, and the
+faults would rarely be; with 64, faults fill about nine tenths of the thread's time.  The
+collapser idles ``gap_us`` (200 µs, about one collapse) after each call, so the loaded phase
+also has time with no collapse in flight (its "no collapse" events).  Note that a fault blocked by a collapse is one event however long it waits, while a
 free-running thread makes hundreds of fast faults meanwhile: blocked faults are a small share
 of the events, and show in p99/p99.9, not in the median.
 
@@ -103,7 +105,7 @@ EVENT_DTYPE = np.dtype(
     [("t", "<i8"), ("lat", "<i8"), ("sleep", "<i8"), ("aux", "<i4"), ("err", "<i2"),
      ("op", "u1"), ("flags", "u1")]
 )
-OPS = ("collapse", "fault", "mmap", "munmap", "dma")  # index = enum kp_op
+OPS = ("collapse", "fault", "mmap", "munmap", "dma", "zap")  # index = enum kp_op
 FLAG_VOLUNTARY, FLAG_INVOLUNTARY = 1, 2
 
 
@@ -137,9 +139,9 @@ class ProbeConfig:
     ranges: int = 8
     pin: bool = True
     warmup_s: float = 0.5
-    gap_us: int = 0
+    gap_us: int = 200
     churn_kib: int = 64
-    zap_pages: int = 8  # pages per MADV_DONTNEED in the fault threads (as RunConfig.zap_pages)
+    zap_pages: int = 64  # pages per MADV_DONTNEED in the fault threads (see the header)
     yield_cpu: bool = True  # load threads sched_yield() after each batch (see the header)
     seed: int = 0
     pin_dir: str | None = None  # where the O_DIRECT file goes; None: the temp directory

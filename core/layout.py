@@ -61,7 +61,7 @@ ST_RUN, ST_SPIN, ST_SLEEP, ST_IPI_WAIT, ST_DONE = 0, 1, 2, 3, 4
 STATE_NAMES = {ST_RUN: "running", ST_SPIN: "spinning", ST_SLEEP: "sleeping", ST_IPI_WAIT: "waiting for IPI acks", ST_DONE: "done"}
 
 # ---- folio fields (parallel int32 arrays in the folio segment) ---------------------------------
-FOLIO_FIELDS = ("refcount", "mapcount", "flags", "order", "head", "pincount", "lock_owner", "waiters", "next_free", "prev_free")
+FOLIO_FIELDS = ("refcount", "mapcount", "flags", "order", "head", "pincount", "lock_owner", "waiters", "wake_seq", "next_free", "prev_free")
 PG_LOCKED, PG_LRU, PG_ISOLATED, PG_ANON, PG_BUDDY = 1, 2, 4, 8, 16
 GUP_PIN_COUNTING_BIAS = 1024
 POISON_FREE = 0x6B6B6B6B6B6B6B6B

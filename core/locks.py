@@ -322,11 +322,12 @@ class FolioLocks:
     PTL is dropped so the unlock cannot be missed.
     """
 
-    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int) -> None:
+    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int, wake_base: int) -> None:
         self.r = region
         self.flags = flags_base
         self.owner = owner_base
         self.waiters = waiters_base
+        self.wake = wake_base  # bumped by every folio_unlock(): the WQ_FLAG_WOKEN of a waiter
 
     def folio_trylock(self, cpu: CpuContext, pfn: int) -> bool:
         r, off = self.r, self.flags + pfn * 4
@@ -365,29 +366,32 @@ class FolioLocks:
             f = r.load32(off)
             if r.cas32(off, f, f & ~PG_LOCKED):
                 break
+        r.fetch_add32(self.wake + pfn * 4, 1)
         if r.load32(self.waiters + pfn * 4):
             r.futex_wake(off, 1 << 30)  # folio_wake_bit(folio, PG_locked)
+            r.futex_wake(self.wake + pfn * 4, 1 << 30)
 
     def folio_test_locked(self, pfn: int) -> bool:
         return bool(self.r.load32(self.flags + pfn * 4) & PG_LOCKED)
 
-    def folio_wait_unlocked_prepare(self, pfn: int) -> None:
-        """Queue as a waiter (folio_set_waiters) — call while still holding the PTL."""
+    def folio_wait_unlocked_prepare(self, pfn: int) -> int:
+        """Queue as a waiter (folio_set_waiters) — call while still holding the PTL.  Returns
+        the wake ticket that folio_wait_unlocked() waits to see change."""
         self.r.fetch_add32(self.waiters + pfn * 4, 1)
+        return self.r.load32(self.wake + pfn * 4)
 
-    def folio_wait_unlocked(self, cpu: CpuContext, pfn: int, kind: str = "migration") -> int:
-        """Sleep until PG_locked clears (after folio_wait_unlocked_prepare); returns ns slept."""
-        r, off = self.r, self.flags + pfn * 4
+    def folio_wait_unlocked(self, cpu: CpuContext, pfn: int, ticket: int, kind: str = "migration") -> int:
+        """Sleep until the folio is unlocked once after ``ticket`` (or is found unlocked), like
+        migration_entry_wait_on_locked(): a waiter returns when woken, whatever happens to the
+        folio afterwards (it may be freed and reused), and the fault is retried.  Returns ns."""
+        r, woff = self.r, self.wake + pfn * 4
         slept = 0
         cpu.set_waiting(2, 100_000 + pfn)
         try:
-            while True:
-                f = r.load32(off)
-                if not f & PG_LOCKED:
-                    break
+            while r.load32(woff) == ticket and r.load32(self.flags + pfn * 4) & PG_LOCKED:
                 self._check_owner(cpu, pfn)
                 cpu.check_stop()
-                slept += cpu.futex_sleep(r, off, f, SLEEP_SLICE_NS)
+                slept += cpu.futex_sleep(r, woff, ticket, SLEEP_SLICE_NS)
         finally:
             r.fetch_add32(self.waiters + pfn * 4, -1)
             cpu.set_waiting(0, 0)

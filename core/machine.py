@@ -92,7 +92,7 @@ class Machine:
             for t in range(L.nr_tables)
         ]
         self.vma_locks = [VmaLock(self.ctl, L.vma(i), MM_LOCK_SEQ, f"vma_lock[{i}]", 1000 + i) for i in range(MAX_VMAS)]
-        self.folio_locks = FolioLocks(self.folio, self.off["flags"], self.off["lock_owner"], self.off["waiters"])
+        self.folio_locks = FolioLocks(self.folio, self.off["flags"], self.off["lock_owner"], self.off["waiters"], self.off["wake_seq"])
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod

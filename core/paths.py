@@ -285,9 +285,9 @@ def migration_entry_wait(cpu: CpuContext, t: int, idx: int) -> str:
     if head < 0 or not m.folio_locks.folio_test_locked(head):
         ptl.unlock(cpu)
         return "retry"
-    m.folio_locks.folio_wait_unlocked_prepare(head)  # folio_set_waiters() before dropping the PTL
+    ticket = m.folio_locks.folio_wait_unlocked_prepare(head)  # before dropping the PTL
     ptl.unlock(cpu)
-    m.folio_locks.folio_wait_unlocked(cpu, head, "migration")
+    m.folio_locks.folio_wait_unlocked(cpu, head, ticket, "migration")
     return "retry"
 
 

@@ -60,23 +60,26 @@ def collapse(c: Collapse) -> str:
                 c.free_target()
                 return "SCAN_PAGE_COUNT"
             cpu.chaos("collapse_before_unmap")
-            # clear all PTEs, one flush, then the pin check, then the migration entries
+            # invalidate: each present PTE becomes a migration entry at once (never pte_none,
+            # so a racing fault goes to migration_entry_wait() instead of allocating), one
+            # flush for the range, then the pin check (clear first, then check: §2.3 A1 -> A2)
             c.phase("unmap")
-            for j in range(c.nr):
-                m.ptep_get_and_clear(c.t, c.first + j)
+            entries = [0] * c.nr
+            for j, p in enumerate(ptes):
+                if p:
+                    entries[j] = pte_mk_migration(p)
+                    m.set_pte_at(c.t, c.first + j, entries[j])
             c.phase("flush")
             cpu.flush_tlb_range(c.start, c.start + c.nr)
             cpu.chaos("collapse_after_flush")
             c.phase("refcheck")
             if "migration-no-refcheck" not in c.bugs and "migration-refcheck-before-unmap" not in c.bugs:
                 if c.refs_unexpected():  # folio_maybe_dma_pinned() / expected refcount
-                    m.set_ptes(c.t, c.first, ptes)
+                    m.set_ptes(c.t, c.first, ptes)  # remove_migration_ptes(src, src)
                     c.release_isolated()
                     c.free_target()
                     return "SCAN_PAGE_COUNT"
             c.phase("unmap")
-            entries = [pte_mk_migration(p) if p else 0 for p in ptes]
-            m.set_ptes(c.t, c.first, entries)
             for p in ptes:  # try_to_migrate_one(): folio_remove_rmap_pte() + folio_put()
                 if p:
                     head = m.folio_head(p >> 12)

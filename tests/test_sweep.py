@@ -1,0 +1,344 @@
+"""ptlab sweep: the grid, placement on a cluster, node loss, Ctrl-C, resume, bad input.
+
+Cells run ``ptlab.cluster.drycell.dry_cell`` (sleeps for the cell's duration, writes a valid
+result file recording its Ray node), so the tests exercise the sweep and not the simulator.
+Single-node tests share the session's embedded Ray (``ray_local``); the two-node cluster and
+the Ctrl-C test run in subprocesses with their own Ray, so nothing clashes with the session's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from ptlab.cluster.drycell import dry_cell
+from ptlab.cluster.grid import SweepSpec, cell_id, expand, load_toml, repeat_seed
+from ptlab.cluster.shmclean import sweep_shm
+from ptlab.cluster.sweep import run_sweep
+from ptlab.core.config import RunConfig
+from ptlab.core.errors import ConfigError
+from ptlab.core.results import read_run
+
+TESTS = Path(__file__).resolve().parent
+PY = sys.executable
+ONE_CPU = ({"app": 1, "khugepaged": 0},)
+FAST = {"duration_s": 0.5, "warmup_s": 0.0}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _cli(args: list[str], cwd: Path | None = None) -> tuple[int, str, str]:
+    """``ptlab sweep …`` in-process (only for inputs rejected before Ray starts)."""
+    from typer.testing import CliRunner
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        import sweep_cli
+    finally:
+        sys.path.remove(str(TESTS))
+    runner = CliRunner()
+    result = runner.invoke(_app(sweep_cli), args, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _app(sweep_cli):  # the sweep command alone, as the console script registers it
+    import typer
+
+    from ptlab.cli import commands_sweep
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        """ptlab"""
+
+    commands_sweep.register(app)
+    return app
+
+
+# --- the grid --------------------------------------------------------------------------------
+
+
+def test_grid_is_the_product_with_stable_ids_and_distinct_repeat_seeds():
+    spec = SweepSpec(
+        strategies=("pmd-clear", "ptl-hold"), orders=(4, 9),
+        cpus=({"app": 1, "khugepaged": 1}, {"app": 2, "khugepaged": 1}),
+        flush=("ipi", "broadcast"), seeds=(7,), repeats=3, base=FAST,
+    )  # fmt: skip
+    cells = expand(spec)
+    assert len(cells) == 2 * 2 * 2 * 2 * 3
+    assert [c.cell_id for c in cells] == [c.cell_id for c in expand(spec)]  # deterministic
+    assert len({c.cell_id for c in cells}) == len(cells)
+    seeds = sorted({c.config.seed for c in cells})
+    assert seeds == sorted({repeat_seed(7, r) for r in range(3)}) and seeds.count(7) == 1
+    assert len(seeds) == 3
+    # a zero-CPU role does not change a cell's identity; the repeat number does
+    a = RunConfig(cpus={"app": 1, "gup-fast": 0, "khugepaged": 1})
+    b = RunConfig(cpus={"app": 1, "khugepaged": 1})
+    assert cell_id(a, 0) == cell_id(b, 0) != cell_id(a, 1)
+    # listing a value twice does not run it twice
+    assert len(expand(SweepSpec(orders=(9, 9), strategies=("ptl-hold",)))) == 1
+
+
+def test_toml_grid(tmp_path):
+    f = tmp_path / "sweep.toml"
+    f.write_text(
+        'strategies = ["ptl-hold", "migration-entry"]\n'
+        "orders = [4, 9]\n"
+        "repeats = 2\n"
+        "[cpus]\n"
+        "app = [1, 2]\n"
+        "khugepaged = [1]\n"
+        "[run]\n"
+        "duration_s = 1.5\n"
+        "nr_pmds = 2\n"
+    )
+    spec = load_toml(f)
+    cells = expand(spec)
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert {c.config.duration_s for c in cells} == {1.5}
+    assert {c.config.nr_pmds for c in cells} == {2}
+    assert {c.config.nr_cpus for c in cells} == {2, 3}
+    with pytest.raises(ConfigError, match="is an axis"):
+        expand(SweepSpec(base={"order": 4}))
+
+
+@pytest.mark.parametrize(
+    "args, toml, message",
+    [
+        (["--strategy", "pmd-clear,thp-magic"], None, "unknown strategy 'thp-magic'"),
+        (["--order", "4,12"], None, "--order 12 is out of range"),
+        (["--order", "1"], None, "--order 1 is out of range"),
+        (["--config", "{dir}/sweep.toml"], "orders = [4, 9\n", "TOML syntax error"),
+        (["--config", "{dir}/missing.toml"], None, "no such sweep file"),
+        (["--config", "{dir}/sweep.toml"], "order = [4]\n", "did you mean 'orders'"),
+        (["--app", "0", "--khugepaged", "0"], None, "at least one simulated CPU"),
+        (["--repeats", "0"], None, "--repeats must be at least 1"),
+        (["--resume", "{dir}/nothing-here"], None, "no sweep here"),
+    ],
+)
+def test_bad_grid_is_one_line_exit_2(tmp_path, args, toml, message):
+    if toml is not None:
+        (tmp_path / "sweep.toml").write_text(toml)
+    args = [a.format(dir=tmp_path) for a in args]
+    t = time.monotonic()
+    code, out, err = _cli(["sweep", *args, "--out", str(tmp_path / "out")])
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptlab: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert time.monotonic() - t < 5  # and before Ray was started
+
+
+# --- shared memory clean-up -----------------------------------------------------------------
+
+
+def test_shm_cleanup_removes_dead_and_sweep_entries_only(tmp_path):
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    me = os.getpid()
+    names = {
+        f"ptlab.{dead.pid}.aaaa.frames": True,  # creator dead
+        f"sem.ptlab.{dead.pid}.aaaa.zone": True,
+        f"ptlab.{me}.0123456789abcdef.frames": True,  # a run of this sweep (token = run id)
+        f"ptlab.{me}.bbbb.frames": False,  # a live run of someone else
+        "ptlab-notes.txt": False,  # not a segment name
+        "other.123.x": False,
+    }
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    removed = sweep_shm(tokens=["0123456789abcdef"], shm_dir=tmp_path)
+    assert set(removed) == {n for n, gone in names.items() if gone}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, gone in names.items() if not gone}
+
+
+# --- one node (the session's embedded Ray) ---------------------------------------------------
+
+
+def _merged(out: Path):
+    return ds.dataset(out / "merged", format="arrow", partitioning="hive").to_table().unify_dictionaries()
+
+
+def test_sweep_writes_cells_merged_and_manifest(ray_local, tmp_path):
+    spec = SweepSpec(strategies=("pmd-clear", "ptl-hold"), orders=(4, 9), cpus=ONE_CPU, base=FAST)
+    seen = []
+    report = run_sweep(spec, tmp_path / "s", cell_fn=dry_cell, on_progress=seen.append)
+    assert report.status == "complete" and report.done == report.total == 4
+    node = ray_local.get_runtime_context().get_node_id()
+    cells = sorted((tmp_path / "s" / "cells").glob("*.arrow"))
+    assert [f.stem for f in cells] == sorted(c.cell_id for c in expand(spec))
+    for f in cells:
+        r = read_run(f)
+        assert r.meta["host"]["node_id"] == node and r.meta["run_id"] == f.stem
+    table = _merged(tmp_path / "s")
+    assert table.num_rows == 4 * 50
+    per = {(r["strategy"], r["cell_order"]): r["count"] for r in
+           table.group_by(["strategy", "cell_order"]).aggregate([([], "count_all")])
+           .rename_columns(["strategy", "cell_order", "count"]).to_pylist()}  # fmt: skip
+    assert per == {("pmd-clear", 4): 50, ("pmd-clear", 9): 50, ("ptl-hold", 4): 50, ("ptl-hold", 9): 50}
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert {c["status"] for c in manifest["cells"].values()} == {"done"}
+    assert all(c["node_id"] == node and c["attempts"] == 1 for c in manifest["cells"].values())
+    assert all(0 < c["overhead_s"] < 2.0 for c in manifest["cells"].values())
+    # the live view got per-node counts and an estimate
+    assert seen[-1].done == 4 and seen[-1].nodes[0].done == 4
+    assert any(p.eta_s is not None and p.running for p in seen)
+
+
+def test_failed_and_crashed_cells_are_retried(ray_local, tmp_path):
+    spec = SweepSpec(strategies=("pmd-clear", "ptl-hold"), orders=(9,), cpus=ONE_CPU, base=FAST)
+    fn = functools.partial(dry_cell, fail_once_dir=str(tmp_path / "fail"), sleep_s=0.1)
+    report = run_sweep(spec, tmp_path / "a", cell_fn=fn)
+    assert report.status == "complete"
+    assert [[h["result"] for h in c.history] for c in report.cells] == [["failed", "done"]] * 2
+    fn = functools.partial(dry_cell, crash_once_dir=str(tmp_path / "crash"), sleep_s=0.1)
+    report = run_sweep(spec, tmp_path / "b", cell_fn=fn)
+    assert report.status == "complete" and all(c.attempts == 2 for c in report.cells)
+    # without a second try, the failure is final and says why
+    fn = functools.partial(dry_cell, fail_once_dir=str(tmp_path / "fail2"), sleep_s=0.1)
+    report = run_sweep(spec, tmp_path / "c", cell_fn=fn, max_attempts=1)
+    assert report.status == "failed" and report.failed == 2
+    assert all("injected failure" in c.error for c in report.cells)
+    assert not list((tmp_path / "c" / "cells").glob("*.arrow"))
+
+
+def test_resume_runs_only_missing_cells(ray_local, tmp_path):
+    small = SweepSpec(strategies=("pmd-clear",), orders=(4, 9), cpus=ONE_CPU, base=FAST)
+    out = tmp_path / "r"
+    first = run_sweep(small, out, cell_fn=dry_cell)
+    stamps = {f.name: f.stat().st_mtime_ns for f in (out / "cells").glob("*.arrow")}
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(small, out, cell_fn=dry_cell)  # a second sweep into the same directory
+    bigger = small.replace(strategies=["pmd-clear", "migration-entry"])
+    report = run_sweep(bigger, out, cell_fn=dry_cell, resume=True)
+    assert report.status == "complete" and report.skipped == first.done == 2 and report.done == 4
+    after = {f.name: f.stat().st_mtime_ns for f in (out / "cells").glob("*.arrow")}
+    assert all(after[name] == t for name, t in stamps.items())  # finished cells untouched
+    assert len(after) == 4
+    assert _merged(out).num_rows == 4 * 50
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sweep_id"] == first.sweep_id
+    assert all(c["attempts"] == 1 for c in manifest["cells"].values())
+
+
+def test_cell_that_fits_no_node_is_refused(ray_local, tmp_path):
+    spec = SweepSpec(strategies=("ptl-hold",), cpus=({"app": 40, "khugepaged": 1},), base=FAST)
+    with pytest.raises(ConfigError, match="needs 41 CPUs on one node"):
+        run_sweep(spec, tmp_path / "x", cell_fn=dry_cell)
+
+
+# --- two nodes, node loss (own process, own cluster) ----------------------------------------
+
+
+def test_two_node_cluster_spread_and_node_loss(tmp_path):
+    proc = subprocess.run(
+        [PY, str(TESTS / "sweep_cluster_driver.py"), str(tmp_path)],
+        capture_output=True, text=True, env=_env(), timeout=150,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    head, second = r["head"], r["second"]
+
+    spread = r["spread"]
+    assert spread["status"] == "complete" and spread["done"] == spread["total"] == 4
+    nodes = {v["node"] for v in spread["results"].values()}
+    assert nodes == {head, second}, "cells must land on both nodes"
+    for cid, v in spread["results"].items():
+        assert v["actors"] == [v["node"]], "a cell's CPU actors run on the cell's node"
+        assert spread["manifest_nodes"][cid] == v["node"]
+
+    loss = r["node_loss"]
+    assert loss["removed"], "the second node was never removed mid-cell"
+    assert loss["removed"]["second_done"] >= 1
+    assert loss["status"] == "complete" and loss["done"] == loss["total"] == 6
+    # nothing lost, nothing doubled: every cell once in cells/ and once in merged/
+    assert sorted(loss["results"]) == sorted(loss["grid"])
+    assert loss["merged"] == {cid: [1, 50] for cid in loss["grid"]}
+    rerun = [cid for cid, h in loss["history"].items() if h[0]["result"] == "node lost"]
+    assert rerun, "the cell running on the removed node was not rerun"
+    for cid in rerun:
+        assert loss["history"][cid][-1]["result"] == "done"
+        assert loss["results"][cid]["node"] == head  # rerun elsewhere
+    # cells the second node finished before it died are kept, not rerun
+    kept = [cid for cid, h in loss["history"].items() if h == [{"attempt": 1, "node_id": second, "result": "done"}]]
+    assert kept and all(loss["results"][cid]["node"] == second for cid in kept)
+
+
+# --- Ctrl-C, then resume (own process, embedded Ray) -----------------------------------------
+
+
+def _shm_of(pids_or_tokens: set[str]) -> list[str]:
+    shm = Path("/dev/shm")
+    return [p.name for p in shm.iterdir() if p.name.startswith("ptlab.") and any(t in p.name for t in pids_or_tokens)]
+
+
+def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
+    out = tmp_path / "sweep"
+    args = [PY, str(TESTS / "sweep_cli.py"), "sweep", "--dry-run", "--no-progress",
+            "-s", "pmd-clear,ptl-hold,migration-entry", "--order", "4,9", "--app", "1",
+            "--khugepaged", "0", "--duration", "1.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    # its own session, as a terminal's Ctrl-C reaches the whole foreground process group
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = list((out / "cells").glob("*.arrow")) if (out / "cells").exists() else []
+            if len(done) >= 2 and _shm_of({f".{c}." for c in _all_ids(args)}):
+                break  # two cells kept, the next ones mid-run with their shared memory
+            time.sleep(0.1)
+        else:
+            pytest.fail("the sweep did not get going")
+        t = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        stop_s = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert stop_s < 30
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "partial"
+    done_ids = {cid for cid, c in manifest["cells"].items() if c["status"] == "done"}
+    assert len(done_ids) >= 2 and len(done_ids) < 6
+    assert {f.stem for f in (out / "cells").glob("*.arrow")} == done_ids
+    assert {c["status"] for c in manifest["cells"].values()} <= {"done", "pending", "cancelled"}
+    assert not _shm_of({f".{c}." for c in manifest["cells"]}), "interrupted cells left shared memory"
+    assert any(manifest["shm_cleanup"].values()), "the clean-up found nothing to remove"
+    stamps = {f.name: f.stat().st_mtime_ns for f in (out / "cells").glob("*.arrow")}
+
+    proc = subprocess.run([PY, str(TESTS / "sweep_cli.py"), "sweep", "--dry-run", "--no-progress",
+                           "--resume", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"({len(done_ids)} from before)" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["done"] == 6
+    assert all(f.stat().st_mtime_ns == stamps[f.name] for f in (out / "cells").glob("*.arrow") if f.name in stamps)
+    assert _merged(out).num_rows == 6 * 50
+
+
+def _all_ids(args: list[str]) -> list[str]:
+    spec = SweepSpec(strategies=("pmd-clear", "ptl-hold", "migration-entry"), orders=(4, 9),
+                     cpus=ONE_CPU, base={"duration_s": 1.5, "warmup_s": 0.0})  # fmt: skip
+    return [c.cell_id for c in expand(spec)]
