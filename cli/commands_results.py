@@ -29,7 +29,7 @@ class OutputFormat(str, Enum):
 _COMPARE_HELP = """\
 Compare collapse strategies across result files: latency distributions, who waits and how, collapse rates and result codes, and ratios against a baseline with significance.
 
-Give result files (.arrow) or directories holding them (searched recursively, e.g. a sweep's output). Files of the same strategy are repeats and are pooled.
+Give result files (.arrow) or directories holding them (searched recursively, e.g. a sweep's output). Runs of one strategy with the same parameters are repeats and are pooled; runs with other parameters (another order, an injected bug) form separate groups, shown as strategy#N, each measured against the baseline's group with the same parameters.
 
 Per strategy and op: count, median, p90, p99, p99.9 and max latency in µs; spin time (CPU burned) and sleep time per collapse, split by the role of the CPU that waited; mmap() latency; collapses per second (harmonic mean over repeats) and result-code counts.
 
@@ -87,7 +87,8 @@ def compare(
         str | None,
         typer.Option("--baseline", "-b", metavar="STRATEGY",
                      help="Strategy the others are measured against (default: pmd-clear "
-                          "if present -- today's kernel -- else the first strategy)."),
+                          "if present -- today's kernel -- else the first strategy); a group "
+                          "label such as 'pmd-clear [order=4]' picks one group for all."),
     ] = None,
     fmt: Annotated[
         OutputFormat,
@@ -207,7 +208,7 @@ def show_renderables(run: Any) -> list[Any]:
         for c in ("run_id", "strategy", "events", "duration s"):
             t.add_column(c)
         for r in runs:
-            t.add_row(r.run_id, r.strategy, f"{r.table.num_rows:,}", f"{r.duration_s:.3g}")
+            _row(t, r.run_id, r.strategy, f"{r.table.num_rows:,}", f"{r.duration_s:.3g}")
         out.append(t)
 
     params = meta.get("params") or {}
@@ -216,7 +217,7 @@ def show_renderables(run: Any) -> list[Any]:
         t.add_column("key")
         t.add_column("value")
         for k, v in sorted(params.items()):
-            t.add_row(k, _short(v))
+            _row(t, k, _short(v))
         out.append(t)
 
     host = meta.get("host") or {}
@@ -227,7 +228,7 @@ def show_renderables(run: Any) -> list[Any]:
         first = ("hostname", "cpu_model", "cores", "cores_usable", "simulated_cpus", "oversubscription",
                  "kernel_release", "python", "packages", "git_revision", "git_dirty", "node_id")
         for k in [k for k in first if k in host] + sorted(set(host) - set(first)):
-            t.add_row(k, _short(host[k]))
+            _row(t, k, _short(host[k]))
         out.append(t)
 
     table = run.table
@@ -245,7 +246,7 @@ def show_renderables(run: Any) -> list[Any]:
         for ro, o in pairs:
             m = (role == ro) & (op == o)
             q = latency_quantiles_us(lat[m])
-            t.add_row(ro, o, f"{int(m.sum()):,}", fmt_us(q["median_us"]), fmt_us(q["p99_us"]),
+            _row(t, ro, o, f"{int(m.sum()):,}", fmt_us(q["median_us"]), fmt_us(q["p99_us"]),
                       fmt_us(q["max_us"]), f"{spin[m].sum() / 1e6:.3g}", f"{sleep[m].sum() / 1e6:.3g}")
         out.append(t)
         coll = table.filter(pc.equal(table.column("op").cast(pa.string()), "collapse"))
@@ -257,7 +258,7 @@ def show_renderables(run: Any) -> list[Any]:
             t.add_column("count", justify="right")
             t.add_column("share", justify="right")
             for c, n in sorted(zip(codes.tolist(), counts.tolist(), strict=True), key=lambda cn: -cn[1]):
-                t.add_row(c or "(none)", f"{n:,}", f"{100 * n / coll.num_rows:.1f}%")
+                _row(t, c or "(none)", f"{n:,}", f"{100 * n / coll.num_rows:.1f}%")
             out.append(t)
     else:
         out.append(Text("no events"))
@@ -270,7 +271,7 @@ def show_renderables(run: Any) -> list[Any]:
         for c in vcols:
             t.add_column(c)
         for v in violations[:10]:
-            t.add_row(*(_short(v.get(c, "")) for c in vcols))
+            _row(t, *(_short(v.get(c, "")) for c in vcols))
         if len(violations) > 10:
             t.caption = f"... and {len(violations) - 10} more"
         out.append(t)
@@ -285,7 +286,7 @@ def show_renderables(run: Any) -> list[Any]:
         for c in cols:
             t.add_column(c, justify="left" if c in ("primitive", "unit") else "right")
         for row in calibration:
-            t.add_row(*(_num(row.get(c)) for c in cols))
+            _row(t, *(_num(row.get(c)) for c in cols))
         ratios = [row["ratio"] for row in calibration if isinstance(row.get("ratio"), (int, float))]
         if ratios:
             t.caption = f"median dilation ×{float(np.median(ratios)):.3g} over {len(ratios)} primitives"
@@ -294,6 +295,13 @@ def show_renderables(run: Any) -> list[Any]:
     if summary:
         out.append(Text("summary: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(summary.items()))))
     return out
+
+
+def _row(table: Any, *cells: Any) -> None:
+    """Add a row of plain text (values such as "[0, 1]" are not rich markup)."""
+    from rich.text import Text
+
+    table.add_row(*(Text(str(c)) for c in cells))
 
 
 def _rank(v: str, order: tuple[str, ...]) -> int:

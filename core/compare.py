@@ -1,21 +1,25 @@
 """Compare strategies across result files: distributions, who waits, rates, significance.
 
 What a kernel reviewer wants to know from a set of runs, computed the way pyperf's
-``compare_to``, benchstat and mmtests do it (never a bare percentage threshold):
+``compare_to``, benchstat and mmtests do it (never a bare percentage threshold).
 
-* **Latency** per strategy and op, all repeats of a strategy pooled: count, median, p90, p99,
-  p99.9 and max, in µs.  A quantile is left out (None) when there are too few events to
+Runs are grouped by strategy and parameters (:func:`group_runs`): repeats of one
+configuration are pooled, other configurations of a strategy (another order, an injected bug)
+are separate groups, and each group is measured against the baseline strategy's group with
+the same parameters.  Per group:
+
+* **Latency** per op, all repeats pooled: count, median, p90, p99, p99.9 and max, in µs.  A quantile is left out (None) when there are too few events to
   estimate it (p99 needs 100 events, p99.9 needs 1000): a "p99.9" of 200 events is their max.
 * **Who pays for a collapse.**  For every role other than khugepaged: the spin time (CPU
   burned on a spinlock) and sleep time (blocked on a futex: mmap_lock, folio lock, migration
   entry) of the events that *started while a collapse was in progress* (``during_collapse``),
-  summed over all runs of the strategy and divided by the number of collapse attempts in those
+  summed over all runs of the group and divided by the number of collapse attempts in those
   runs -- ms per collapse.  Totals over all events of the role are kept beside it.
 * **Rates** per run (collapses that succeeded per second, collapses attempted per second,
   events per second of every op), summarised over repeats by their harmonic mean (mmtests:
   the harmonic mean is the one that matches "total work over total time" for rates).
 * **Result codes** of the collapses (``SCAN_SUCCEED``, ``SCAN_PAGE_COUNT``, ...), pooled.
-* **Ratios against a baseline strategy.**  Latency: the ratio of medians with a bootstrap 95%
+* **Ratios against the baseline group.**  Latency: the ratio of medians with a bootstrap 95%
   interval (runs resampled, then events within them -- repeats are not independent of each
   other's events) and a two-sided Mann-Whitney U test on the pooled events.  A difference is
   "significant" only if p < 0.05 *and* the interval excludes 1; otherwise it says "not
@@ -74,33 +78,33 @@ NOT_SIGNIFICANT = "not significant"
 NO_TEST = "no test"
 
 LATENCY_SCHEMA = pa.schema([
-    ("strategy", pa.string()), ("op", pa.string()), ("runs", pa.int64()), ("count", pa.int64()),
+    ("strategy", pa.string()), ("config", pa.string()), ("op", pa.string()), ("runs", pa.int64()), ("count", pa.int64()),
     ("median_us", pa.float64()), ("p90_us", pa.float64()), ("p99_us", pa.float64()),
     ("p999_us", pa.float64()), ("max_us", pa.float64()),
 ])
 WAITS_SCHEMA = pa.schema([
-    ("strategy", pa.string()), ("role", pa.string()), ("collapses", pa.int64()),
+    ("strategy", pa.string()), ("config", pa.string()), ("role", pa.string()), ("collapses", pa.int64()),
     ("spin_ms_per_collapse", pa.float64()), ("sleep_ms_per_collapse", pa.float64()),
     ("waits_during_collapse", pa.int64()), ("waited_on", pa.string()),
     ("spin_ms_total", pa.float64()), ("sleep_ms_total", pa.float64()),
 ])
 RATES_SCHEMA = pa.schema([
-    ("strategy", pa.string()), ("metric", pa.string()), ("runs", pa.int64()),
+    ("strategy", pa.string()), ("config", pa.string()), ("metric", pa.string()), ("runs", pa.int64()),
     ("hmean_per_s", pa.float64()), ("min_per_s", pa.float64()), ("max_per_s", pa.float64()),
 ])
 RESULTS_SCHEMA = pa.schema([
-    ("strategy", pa.string()), ("result", pa.string()), ("count", pa.int64()),
+    ("strategy", pa.string()), ("config", pa.string()), ("result", pa.string()), ("count", pa.int64()),
     ("share", pa.float64()),
 ])
 RATIOS_SCHEMA = pa.schema([
-    ("strategy", pa.string()), ("baseline", pa.string()), ("metric", pa.string()),
+    ("strategy", pa.string()), ("config", pa.string()), ("baseline", pa.string()), ("metric", pa.string()),
     ("value", pa.float64()), ("baseline_value", pa.float64()), ("ratio", pa.float64()),
     ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p99_ratio", pa.float64()),
     ("p_value", pa.float64()), ("verdict", pa.string()),
 ])
 RUNS_SCHEMA = pa.schema([
     ("path", pa.string()), ("run_id", pa.string()), ("strategy", pa.string()),
-    ("kind", pa.string()), ("duration_s", pa.float64()), ("events", pa.int64()),
+    ("config", pa.string()), ("kind", pa.string()), ("duration_s", pa.float64()), ("events", pa.int64()),
     ("violations", pa.int64()), ("oversubscription", pa.float64()),
 ])
 
@@ -110,12 +114,18 @@ class Comparison:
     """The result of comparing strategies.  Every table is an Arrow table (schemas above);
     times are µs (latency) or ms (waits), rates are per second.
 
-    ``notes`` are one-line caveats the reader must see (oversubscribed runs, runs with
-    correctness violations, hosts compared with --force, ...).
+    Rows are per group: runs of one strategy with the same parameters (see group_runs).
+    ``strategy`` is the strategy, ``config`` the parameters that tell its groups apart ("" if
+    it has one); ``groups`` lists the group labels (``strategy [config]``) in display order.
+    ``baseline`` is the baseline strategy (or group label, if one was chosen).  ``notes``
+    are one-line caveats the reader must see (oversubscribed runs, runs with correctness
+    violations, hosts compared with --force, groups compared with different parameters, ...).
     """
 
     baseline: str | None
     strategies: tuple[str, ...]
+    groups: tuple[str, ...]
+    group_params: tuple[tuple[str, str, int], ...]  # (strategy, config, runs) per group
     runs: pa.Table
     latency: pa.Table
     waits: pa.Table
@@ -130,7 +140,8 @@ class Comparison:
                 "rates": self.rates, "results": self.results, "ratios": self.ratios}
 
     def to_arrow(self) -> pa.Table:
-        """All tables in one long ("tidy") table: section, strategy, key, stat, value, text.
+        """All tables in one long ("tidy") table: section, strategy, config, key, stat, value,
+        text.
 
         ``key`` is the op (latency), role (waits), metric (rates, ratios), result code
         (results) or run id (runs); ``value`` is the number, ``text`` a string value (the
@@ -140,27 +151,181 @@ class Comparison:
         keys = {"runs": "run_id", "latency": "op", "waits": "role", "rates": "metric",
                 "results": "result", "ratios": "metric"}
         text_cols = {"runs": ("path", "kind"), "waits": ("waited_on",), "ratios": ("verdict", "baseline")}
-        cols: dict[str, list[Any]] = {k: [] for k in ("section", "strategy", "key", "stat", "value", "text")}
+        cols: dict[str, list[Any]] = {
+            k: [] for k in ("section", "strategy", "config", "key", "stat", "value", "text")}
         for section, table in self.tables().items():
             key = keys[section]
             for row in table.to_pylist():
                 for name, v in row.items():
-                    if name in ("strategy", key):
+                    if name in ("strategy", "config", key):
                         continue
                     is_text = name in text_cols.get(section, ())
                     cols["section"].append(section)
                     cols["strategy"].append(row["strategy"])
+                    cols["config"].append(row["config"])
                     cols["key"].append(str(row[key]))
                     cols["stat"].append(name)
                     cols["value"].append(None if is_text or v is None else float(v))
                     cols["text"].append(str(v) if is_text and v is not None else None)
         meta = {"baseline": self.baseline, "strategies": list(self.strategies),
-                "notes": list(self.notes), "hosts": list(self.hosts)}
+                "groups": list(self.groups), "notes": list(self.notes), "hosts": list(self.hosts)}
         schema = pa.schema([
-            ("section", pa.string()), ("strategy", pa.string()), ("key", pa.string()),
+            ("section", pa.string()), ("strategy", pa.string()), ("config", pa.string()),
+            ("key", pa.string()),
             ("stat", pa.string()), ("value", pa.float64()), ("text", pa.string()),
         ], metadata={b"ptlab_compare": json.dumps(meta, sort_keys=True, default=str).encode()})
         return pa.table(cols, schema=schema)
+
+
+# --------------------------------------------------------------------------------------------
+# groups: runs of one strategy with the same parameters
+
+# Parameters that differ between repeats of one configuration, not between configurations.
+REPEAT_KEYS = frozenset({
+    "strategy", "seed", "duration_s", "warmup_s", "watchdog_s", "files", "group", "pin_source",
+    "pin_dir", "out_dir", "run_id", "node_id",
+})
+# Display order of parameters in a group's config label.
+_PARAM_ORDER = ("order", "cpus", "mix", "workload", "flush", "ptl", "vma_locks", "inject_bugs",
+                "unsafe", "chaos", "phase")
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs of one strategy with the same parameters (apart from REPEAT_KEYS): repeats, pooled.
+
+    ``config`` names the parameters that tell this group apart from the strategy's other
+    groups ("" when the strategy has one group); ``params`` are the group's parameters."""
+
+    strategy: str
+    config: str
+    params: Mapping[str, Any]
+    runs: tuple[RunResult, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} [{self.config}]" if self.config else self.strategy
+
+    @property
+    def key(self) -> str:
+        return _canonical(self.params)
+
+
+def _design_params(r: RunResult) -> dict[str, Any]:
+    """The parameters that define a configuration: all but REPEAT_KEYS and nested records
+    (a mapping or list holding mappings or lists describes the run, e.g. its CPU placement;
+    a flat one such as ``cpus`` {role: count} is a parameter)."""
+
+    def flat(v: Any) -> bool:
+        if isinstance(v, Mapping):
+            return all(not isinstance(x, (Mapping, list, tuple)) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return all(not isinstance(x, (Mapping, list, tuple)) for x in v)
+        return True
+
+    return {k: v for k, v in r.params.items() if k not in REPEAT_KEYS and flat(v)}
+
+
+def _canonical(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return "+".join(f"{k}:{x}" for k, x in sorted(v.items()) if x) or "none"
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(str, v)) or "none"
+    return str(v)
+
+
+def _param_keys(keys: Iterable[str]) -> list[str]:
+    ks = set(keys)
+    return [k for k in _PARAM_ORDER if k in ks] + sorted(ks - set(_PARAM_ORDER))
+
+
+def group_runs(runs: Sequence[RunResult]) -> list[RunGroup]:
+    """Group runs by strategy and parameters, in display order (strategies as STRATEGY_ORDER,
+    then by config).  Runs whose parameters differ only in REPEAT_KEYS (seed, duration, ...)
+    are repeats of one group."""
+    by_strategy: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    out: list[RunGroup] = []
+    for s in _ordered(by_strategy, STRATEGY_ORDER):
+        rs = by_strategy[s]
+        params = [_design_params(r) for r in rs]
+        keys = {k for p in params for k in p}
+        varying: list[str] = []
+        partitions: set[tuple[int, ...]] = set()
+        for k in _param_keys(keys):
+            values = [_canonical(p.get(k, "<unset>")) for p in params]
+            if len(set(values)) < 2:
+                continue
+            # a key that splits the runs exactly like one already shown adds nothing to the
+            # label (the kernel's phase=loaded is also collapser=active and loaded=True)
+            first_seen: dict[str, int] = {}
+            partition = tuple(first_seen.setdefault(v, len(first_seen)) for v in values)
+            if partition not in partitions:
+                partitions.add(partition)
+                varying.append(k)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(_canonical(p), []).append(i)
+        made = []
+        for idx in groups.values():
+            p = params[idx[0]]
+            config = ", ".join(f"{k}={_fmt_param(p.get(k, '-'))}" for k in varying)
+            made.append(RunGroup(s, config, p, tuple(rs[i] for i in idx)))
+        out.extend(sorted(made, key=lambda g: g.config))
+    return out
+
+
+def _param_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    keys = [k for k in _param_keys(set(a) | set(b))
+            if _canonical(a.get(k, "<unset>")) != _canonical(b.get(k, "<unset>"))]
+    return ", ".join(f"{k}: {_fmt_param(a.get(k, '-'))} vs {_fmt_param(b.get(k, '-'))}" for k in keys)
+
+
+def _baseline_pairs(
+    groups: Sequence[RunGroup], baseline: str | None, notes: list[str]
+) -> tuple[str, list[tuple[RunGroup, RunGroup]]]:
+    """(baseline name, [(group, its baseline group)]).  A group is measured against the
+    baseline strategy's group with the same parameters; failing that, against the baseline
+    strategy's only group (with a note saying which parameters differ)."""
+    strategies = list(dict.fromkeys(g.strategy for g in groups))
+    labels = {g.label: g for g in groups}
+    if baseline is None:
+        baseline = strategies[0]
+    if baseline in labels and baseline not in strategies:
+        fixed = labels[baseline]
+        return baseline, [(g, fixed) for g in groups if g is not fixed]
+    if baseline not in strategies:
+        choices = strategies + [lab for lab in labels if lab not in strategies]
+        raise ConfigError(
+            f"--baseline {baseline!r} is not among the compared strategies; choose one of: "
+            f"{', '.join(choices)}"
+        )
+    candidates = [g for g in groups if g.strategy == baseline]
+    pairs, unmatched = [], []
+    for g in groups:
+        if g.strategy == baseline:
+            continue
+        same = [b for b in candidates if b.key == g.key]
+        if same:
+            pairs.append((g, same[0]))
+        elif len(candidates) == 1:
+            pairs.append((g, candidates[0]))
+            diff = _param_diff(g.params, candidates[0].params)
+            notes.append(f"{g.label} is measured against {candidates[0].label}, whose parameters "
+                         f"differ ({diff})")
+        else:
+            unmatched.append(g.label)
+    if unmatched:
+        notes.append(
+            f"no {baseline} group has the same parameters as {', '.join(unmatched)}: no ratios for "
+            f"them (pick one baseline group with --baseline '<label>')"
+        )
+    return baseline, pairs
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,13 +535,16 @@ def compare_paths(
 def compare_runs(
     runs: Sequence[RunResult], *, baseline: str | None = None, force: bool = False
 ) -> Comparison:
-    """Compare runs grouped by strategy (several runs of one strategy are repeats, pooled).
+    """Compare runs grouped by strategy and parameters (see group_runs: runs of one strategy
+    with the same parameters are repeats, pooled).
 
     ``baseline`` is the strategy the others are measured against (default: ``pmd-clear`` if
-    present, today's kernel, else the first strategy in display order).  Raises ConfigError
-    if it names a strategy that is not in the runs, and IncompatibleHostsError (a ConfigError)
-    if the runs come from hosts that differ in CPU model, core count or kernel release, unless
-    ``force`` is set (the mismatch then becomes a note).
+    present, today's kernel, else the first strategy in display order); each group is
+    measured against the baseline's group with the same parameters.  A group label
+    (``"pmd-clear [order=4]"``) picks one baseline group for all.  Raises ConfigError if the
+    baseline is not in the runs, and IncompatibleHostsError (a ConfigError) if the runs come
+    from hosts that differ in CPU model, core count or kernel release, unless ``force`` is
+    set (the mismatch then becomes a note).
     """
     if not runs:
         raise ConfigError("nothing to compare: no runs given")
@@ -386,30 +554,29 @@ def compare_runs(
     for m in mismatches:
         notes.append(f"hosts differ, compared anyway (--force): {m}")
 
-    groups: dict[str, list[_Events]] = {}
-    for r in runs:
-        groups.setdefault(r.strategy, []).append(_Events.of(r))
-    strategies = tuple(_ordered(groups, STRATEGY_ORDER))
-    if baseline is None:
-        baseline = strategies[0]
-    elif baseline not in groups:
-        raise ConfigError(
-            f"--baseline {baseline!r} is not among the compared strategies; choose one of: "
-            f"{', '.join(strategies)}"
-        )
+    run_groups = group_runs(runs)
+    baseline, pairs = _baseline_pairs(run_groups, baseline, notes)
     _run_notes(runs, notes)
+    by_label = {g.label: g for g in run_groups}
+    labels = [g.label for g in run_groups]
+    groups = {g.label: [_Events.of(r) for r in g.runs] for g in run_groups}
 
-    latency_rows, samples = _latency(groups, strategies)
-    waits_rows = _waits(groups, strategies)
-    rates_rows, per_run_rates = _rates(groups, strategies)
-    results_rows = _results(groups, strategies)
-    ratio_rows = _ratios(strategies, baseline, samples, latency_rows, per_run_rates, rates_rows)
+    latency_rows, samples = _latency(groups, labels)
+    waits_rows = _waits(groups, labels)
+    rates_rows, per_run_rates = _rates(groups, labels)
+    results_rows = _results(groups, labels)
+    ratio_rows = _ratios([(g.label, b.label) for g, b in pairs], samples, latency_rows,
+                         per_run_rates, rates_rows)
+    for rows in (latency_rows, waits_rows, rates_rows, results_rows, ratio_rows):
+        for row in rows:  # rows were keyed by group label: split it into strategy and config
+            g = by_label[row["strategy"]]
+            row["strategy"], row["config"] = g.strategy, g.config
     runs_rows = [
-        {"path": str(r.path), "run_id": r.run_id, "strategy": r.strategy, "kind": r.kind,
-         "duration_s": r.duration_s, "events": r.table.num_rows,
+        {"path": str(r.path), "run_id": r.run_id, "strategy": g.strategy, "config": g.config,
+         "kind": r.kind, "duration_s": r.duration_s, "events": r.table.num_rows,
          "violations": len(r.meta.get("violations") or []),
          "oversubscription": _float_or_none(r.host.get("oversubscription"))}
-        for r in runs
+        for g in run_groups for r in g.runs
     ]
     hosts = []
     for r in runs:
@@ -417,7 +584,9 @@ def compare_runs(
             hosts.append(r.host)
     return Comparison(
         baseline=baseline,
-        strategies=strategies,
+        strategies=tuple(dict.fromkeys(g.strategy for g in run_groups)),
+        groups=tuple(labels),
+        group_params=tuple((g.strategy, g.config, len(g.runs)) for g in run_groups),
         runs=pa.Table.from_pylist(runs_rows, schema=RUNS_SCHEMA),
         latency=pa.Table.from_pylist(latency_rows, schema=LATENCY_SCHEMA),
         waits=pa.Table.from_pylist(waits_rows, schema=WAITS_SCHEMA),
@@ -459,24 +628,37 @@ def _dedupe(runs: Sequence[RunResult], notes: list[str]) -> list[RunResult]:
 
 
 def _run_notes(runs: Sequence[RunResult], notes: list[str]) -> None:
+    """Caveats, one line per strategy and kind (not per run: a sweep has hundreds)."""
+
+    def runs_list(rs: list[RunResult]) -> str:
+        names = ", ".join(r.run_id for r in rs[:3])
+        return names + (f" and {len(rs) - 3} more" if len(rs) > 3 else "")
+
+    by_strategy: dict[str, list[RunResult]] = {}
     for r in runs:
-        over = r.host.get("oversubscription")
-        if isinstance(over, (int, float)) and over > 1.0:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    for s, rs in by_strategy.items():
+        over = [r for r in rs if isinstance(r.host.get("oversubscription"), (int, float))
+                and r.host["oversubscription"] > 1.0]
+        if over:
+            worst = max(r.host["oversubscription"] for r in over)
             notes.append(
-                f"run {r.run_id} ({r.strategy}) ran {r.host.get('simulated_cpus', '?')} simulated "
-                f"CPUs on {r.host.get('cores_usable', r.host.get('cores', '?'))} cores "
-                f"(oversubscription {over:g}): its spin times include lock-holder preemption"
+                f"{s}: {len(over)} of {len(rs)} runs had more simulated CPUs than cores "
+                f"(oversubscription up to {worst:g}; {runs_list(over)}): their spin times "
+                f"include lock-holder preemption"
             )
-        nv = len(r.meta.get("violations") or [])
-        if nv:
+        bad = [r for r in rs if r.meta.get("violations")]
+        if bad:
+            nv = sum(len(r.meta["violations"]) for r in bad)
             notes.append(
-                f"run {r.run_id} ({r.strategy}) has {nv} correctness violation(s): its timings "
-                f"describe a broken kernel path"
+                f"{s}: {len(bad)} of {len(rs)} runs have correctness violations ({nv} in all; "
+                f"{runs_list(bad)}): their timings describe a broken kernel path"
             )
-        if r.meta.get("derived_meta"):
+        derived = [r for r in rs if r.meta.get("derived_meta")]
+        if derived:
             notes.append(
-                f"run {r.run_id} comes from a merged file without per-run metadata; its "
-                f"parameters are those of the file"
+                f"{s}: {len(derived)} runs come from merged files without per-run metadata "
+                f"({runs_list(derived)}); their parameters are those of the file"
             )
     kinds = {r.kind for r in runs}
     if len(kinds) > 1:
@@ -587,19 +769,17 @@ def _results(groups: Mapping[str, list[_Events]], strategies: Sequence[str]) -> 
 
 
 def _ratios(
-    strategies: Sequence[str],
-    baseline: str,
+    pairs: Sequence[tuple[str, str]],
     samples: Mapping[tuple[str, str], list[np.ndarray]],
     latency_rows: Sequence[Mapping[str, Any]],
     per_run_rates: Mapping[tuple[str, str], list[float]],
     rates_rows: Sequence[Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
+    """Rows of the ratios table for each (group, baseline group) pair, both as labels."""
     lat = {(r["strategy"], r["op"]): r for r in latency_rows}
     rates = {(r["strategy"], r["metric"]): r for r in rates_rows}
     rows = []
-    for s in strategies:
-        if s == baseline:
-            continue
+    for s, baseline in pairs:
         for (s2, op), runs in samples.items():
             if s2 != s or (baseline, op) not in samples:
                 continue
@@ -654,11 +834,22 @@ def _min_rank_p(n: int, m: int) -> float:
 def waits_table(runs: Sequence[RunResult]) -> pa.Table:
     """Only the "who waits for a collapse" table (WAITS_SCHEMA) of ``runs``: no host check,
     no statistics.  Used by the plots."""
-    groups: dict[str, list[_Events]] = {}
-    for r in runs:
-        groups.setdefault(r.strategy, []).append(_Events.of(r))
-    rows = _waits(groups, _ordered(groups, STRATEGY_ORDER))
+    run_groups = group_runs(runs)
+    by_label = {g.label: g for g in run_groups}
+    rows = _waits({g.label: [_Events.of(r) for r in g.runs] for g in run_groups}, list(by_label))
+    for row in rows:
+        g = by_label[row["strategy"]]
+        row["strategy"], row["config"] = g.strategy, g.config
     return pa.Table.from_pylist(rows, schema=WAITS_SCHEMA)
+
+
+def group_label(row: Mapping[str, Any]) -> str:
+    """``strategy [config]`` of a table row (``strategy`` alone when config is empty)."""
+    return _full_label(row)
+
+
+def _full_label(row: Mapping[str, Any]) -> str:
+    return f"{row['strategy']} [{row['config']}]" if row.get("config") else str(row["strategy"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,14 +888,54 @@ def _fmt_ratio(r: Mapping[str, Any]) -> str:
     return s
 
 
+def _short_names(cmp: Comparison) -> dict[str, str]:
+    """Group label -> display name: the strategy, or ``strategy#N`` for a strategy with
+    several groups (whose parameters the "Groups" section lists)."""
+    names: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for label, (strategy, config, _) in zip(cmp.groups, cmp.group_params, strict=True):
+        if config:
+            seen[strategy] = seen.get(strategy, 0) + 1
+            names[label] = f"{strategy}#{seen[strategy]}"
+        else:
+            names[label] = strategy
+    return names
+
+
+def display_names(groups: Sequence[RunGroup]) -> dict[str, str]:
+    """Group label -> short display name (``strategy`` or ``strategy#N``), as in the views."""
+    names: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for g in groups:
+        if g.config:
+            seen[g.strategy] = seen.get(g.strategy, 0) + 1
+            names[g.label] = f"{g.strategy}#{seen[g.strategy]}"
+        else:
+            names[g.label] = g.strategy
+    return names
+
+
 def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, caption, header, rows) of every section, shared by the text and md views."""
     out = []
+    names = _short_names(cmp)
+
+    def name(row: Mapping[str, Any]) -> str:
+        return names.get(_full_label(row), _full_label(row))
+
+    if any(config for _, config, _ in cmp.group_params):
+        out.append((
+            "Groups", "runs of one strategy with the same parameters are pooled; the parameters "
+            "that tell a strategy's groups apart",
+            ["group", "strategy", "runs", "parameters"],
+            [[names[label], strategy, str(n), config or "—"]
+             for label, (strategy, config, n) in zip(cmp.groups, cmp.group_params, strict=True)],
+        ))
     lat = cmp.latency.to_pylist()
     out.append((
         "Latency (µs)", "all repeats pooled; — = too few events for that quantile",
         ["strategy", "op", "runs", "count", "median", "p90", "p99", "p99.9", "max"],
-        [[r["strategy"], r["op"], str(r["runs"]), f"{r['count']:,}", fmt_us(r["median_us"]),
+        [[name(r), r["op"], str(r["runs"]), f"{r['count']:,}", fmt_us(r["median_us"]),
           fmt_us(r["p90_us"]), fmt_us(r["p99_us"]), fmt_us(r["p999_us"]), fmt_us(r["max_us"])]
          for r in lat],
     ))
@@ -713,7 +944,7 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
         out.append((
             "mmap() latency (µs)", "mmap_lock writers: what a collapse costs the rest of the process",
             ["strategy", "op", "count", "median", "p99", "p99.9", "max"],
-            [[r["strategy"], r["op"], f"{r['count']:,}", fmt_us(r["median_us"]),
+            [[name(r), r["op"], f"{r['count']:,}", fmt_us(r["median_us"]),
               fmt_us(r["p99_us"]), fmt_us(r["p999_us"]), fmt_us(r["max_us"])] for r in mm],
         ))
     out.append((
@@ -721,7 +952,7 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
         "that started during a collapse, summed and divided by collapse attempts",
         ["strategy", "waiter", "collapses", "spin ms/collapse", "sleep ms/collapse",
          "waits", "waited on", "spin ms total", "sleep ms total"],
-        [[r["strategy"], r["role"], f"{r['collapses']:,}", _fmt(r["spin_ms_per_collapse"]),
+        [[name(r), r["role"], f"{r['collapses']:,}", _fmt(r["spin_ms_per_collapse"]),
           _fmt(r["sleep_ms_per_collapse"]), f"{r['waits_during_collapse']:,}",
           r["waited_on"] or "—", _fmt(r["spin_ms_total"]), _fmt(r["sleep_ms_total"])]
          for r in cmp.waits.to_pylist()],
@@ -729,23 +960,24 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
     out.append((
         "Rates (per second)", "harmonic mean over repeats [min, max]",
         ["strategy", "metric", "runs", "hmean", "min", "max"],
-        [[r["strategy"], r["metric"], str(r["runs"]), _fmt(r["hmean_per_s"], 4),
+        [[name(r), r["metric"], str(r["runs"]), _fmt(r["hmean_per_s"], 4),
           _fmt(r["min_per_s"], 4), _fmt(r["max_per_s"], 4)]
          for r in cmp.rates.to_pylist() if r["metric"] in MAIN_RATES],
     ))
     out.append((
         "Collapse results", "kernel scan result codes, all repeats pooled",
         ["strategy", "result", "count", "share"],
-        [[r["strategy"], r["result"], f"{r['count']:,}", f"{100 * r['share']:.1f}%"]
+        [[name(r), r["result"], f"{r['count']:,}", f"{100 * r['share']:.1f}%"]
          for r in cmp.results.to_pylist()],
     ))
-    if cmp.baseline and len(cmp.strategies) > 1:
+    if cmp.baseline and len(cmp.groups) > 1:
         out.append((
             f"Against {cmp.baseline}",
             "ratio of medians (latency) or harmonic means (rates) with bootstrap 95% interval; "
             f"two-sided Mann-Whitney U; significant = p < {ALPHA} and interval excludes 1",
             ["strategy", "metric", "value", "baseline", "ratio [95% CI]", "p99 ratio", "p", "verdict"],
-            [[r["strategy"], r["metric"],
+            [[name(r) + ("" if r["baseline"] == cmp.baseline
+                                else f" (vs {names.get(r['baseline'], r['baseline'])})"), r["metric"],
               fmt_us(r["value"]) if r["metric"].startswith("latency:") else _fmt(r["value"], 4),
               fmt_us(r["baseline_value"]) if r["metric"].startswith("latency:") else _fmt(r["baseline_value"], 4),
               _fmt_ratio(r), "—" if r["p99_ratio"] is None else f"×{r['p99_ratio']:.3g}",
@@ -756,12 +988,12 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
 
 
 def _left(i: int, header: str) -> bool:
-    return i < 2 or header in ("waited on", "verdict", "result")
+    return i < 2 or header in ("waited on", "verdict", "result", "parameters")
 
 
 def render_markdown(cmp: Comparison) -> str:
     """The comparison as GitHub Markdown (one table per section, notes as a list)."""
-    lines = [f"# ptlab comparison: {', '.join(cmp.strategies)}", ""]
+    lines = [f"# ptlab comparison: {', '.join(cmp.groups)}", ""]
     if cmp.baseline:
         lines += [f"Baseline: `{cmp.baseline}`. Runs: {cmp.runs.num_rows}.", ""]
     for title, caption, header, rows in _sections(cmp):
@@ -781,10 +1013,9 @@ def render_markdown(cmp: Comparison) -> str:
 
 def render_rich(cmp: Comparison) -> list[Any]:
     """The comparison as rich renderables (tables and notes) for a terminal."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
-
-    from rich import box
 
     out: list[Any] = []
     for title, caption, header, rows in _sections(cmp):
@@ -792,15 +1023,18 @@ def render_rich(cmp: Comparison) -> list[Any]:
             keep = [i for i, h in enumerate(header) if h not in ("value", "baseline")]
             header = [header[i] for i in keep]
             rows = [[row[i] for i in keep] for row in rows]
-        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False, title_style="bold")
+        # Text, not str: labels such as "ptl-hold [order=4]" are not rich markup
+        t = Table(title=Text(title, style="bold"), caption=Text(caption, style="dim"),
+                  title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
         for i, h in enumerate(header):
-            t.add_column(h, justify="left" if _left(i, h) else "right", no_wrap=i == 0)
+            t.add_column(h, justify="left" if _left(i, h) else "right",
+                         max_width=40 if i == 0 else None)
         for row in rows:
             style = ""
             if header[-1] == "verdict":
                 style = "bold" if row[-1] == SIGNIFICANT else "dim"
-            t.add_row(*row, style=style)
+            t.add_row(*(Text(c) for c in row), style=style)
         if not rows:
             t.add_row(*(["(no data)"] + [""] * (len(header) - 1)))
         out.append(t)
@@ -834,7 +1068,8 @@ def write_comparison_arrow(cmp: Comparison, path: str | os.PathLike[str]) -> Pat
 
 
 __all__ = [
-    "Comparison", "compare_paths", "compare_runs", "waits_table", "render_markdown", "render_rich",
+    "Comparison", "RunGroup", "compare_paths", "compare_runs", "group_runs", "group_label",
+    "waits_table", "render_markdown", "render_rich",
     "render_text", "write_comparison_arrow", "harmonic_mean", "latency_quantiles_us",
     "bootstrap_median_ratio", "fmt_us", "SIGNIFICANT", "NOT_SIGNIFICANT", "NO_TEST",
 ]

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from ptlab.core.compare import ROLE_ORDER, STRATEGY_ORDER, waits_table
+from ptlab.core.compare import ROLE_ORDER, display_names, group_runs, waits_table
 from ptlab.core.errors import ConfigError
 from ptlab.core.results import PHASE_COLUMNS, RunResult, atomic_write_bytes, read_runs
 
@@ -63,19 +63,40 @@ class PlotReport:
     skipped: tuple[tuple[str, str], ...]
 
 
-def _color(strategy: str, strategies: Sequence[str]) -> str:
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _color(name: str, names: Sequence[str]) -> str:
+    """Colour of a group: its strategy's (``ptl-hold#2`` is ptl-hold)."""
+    strategy = name.split("#")[0]
     if strategy in _STRATEGY_COLORS:
         return _STRATEGY_COLORS[strategy]
-    extra = [s for s in strategies if s not in _STRATEGY_COLORS]
+    extra = list(dict.fromkeys(n.split("#")[0] for n in names if n.split("#")[0] not in _STRATEGY_COLORS))
     return _EXTRA_COLORS[extra.index(strategy) % len(_EXTRA_COLORS)]
 
 
-def _by_strategy(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    groups: dict[str, list[RunResult]] = {}
-    for r in runs:
-        groups.setdefault(r.strategy, []).append(r)
-    order = [s for s in STRATEGY_ORDER if s in groups] + sorted(set(groups) - set(STRATEGY_ORDER))
-    return {s: groups[s] for s in order}
+def _linestyle(name: str) -> str:
+    """Line style of a group: solid for a strategy's first group, then dashed, dotted, ..."""
+    _, _, n = name.partition("#")
+    return _LINESTYLES[(int(n) - 1) % len(_LINESTYLES)] if n else "-"
+
+
+def _groups(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """Display name (``strategy`` or ``strategy#N``, as in ptlab compare) -> runs, in order."""
+    groups = group_runs(runs)
+    names = display_names(groups)
+    return {names[g.label]: list(g.runs) for g in groups}
+
+
+def _footnote(fig: Figure, runs: Sequence[RunResult]) -> None:
+    """Under the figure, the parameters of each ``strategy#N`` group (if there are any)."""
+    groups = group_runs(runs)
+    names = display_names(groups)
+    lines = [f"{names[g.label]}: {g.config}" for g in groups if g.config]
+    if lines:
+        if len(lines) > 8:
+            lines = lines[:8] + [f"... and {len(lines) - 8} more (see ptlab compare)"]
+        fig.supxlabel("\n".join(lines), fontsize=7, color="0.35", x=0.01, ha="left")
 
 
 def _figure(ncols: int = 1, nrows: int = 1) -> tuple[Figure, np.ndarray]:
@@ -99,7 +120,7 @@ def figure_latency_cdf(runs: Sequence[RunResult], op: str, what: str, noun: str)
     """CDF (left) and tail 1 - CDF (right) of the latency of ``op`` per strategy, log µs;
     ``what`` names the op in the title and x label, ``noun`` the events on the y axis.
     Raises NoData when no run has an event of that op."""
-    groups = _by_strategy(runs)
+    groups = _groups(runs)
     data = {s: np.sort(_latencies_us(rs, op)) for s, rs in groups.items()}
     data = {s: x for s, x in data.items() if len(x)}
     if not data:
@@ -117,15 +138,19 @@ def figure_latency_cdf(runs: Sequence[RunResult], op: str, what: str, noun: str)
             ]))
             x, y = x[idx], y[idx]
         label = f"{s} (n={n:,})"
-        ax_cdf.step(x, y, where="post", color=_color(s, list(data)), label=label)
+        style = {"color": _color(s, list(data)), "linestyle": _linestyle(s)}
+        ax_cdf.step(x, y, where="post", label=label, **style)
         tail = 1.0 - y + 1.0 / n  # 1/n at the max: the last point stays on a log axis
-        ax_tail.step(x, tail, where="post", color=_color(s, list(data)), label=label)
+        ax_tail.step(x, tail, where="post", label=label, **style)
     ax_cdf.set_xscale("log")
     ax_cdf.set_xlabel(f"{what} latency (µs, log scale)")
     ax_cdf.set_ylabel(f"fraction of {noun} ≤ latency")
     ax_cdf.set_ylim(0, 1.02)
     ax_cdf.grid(True, which="both", alpha=0.3)
-    ax_cdf.legend(fontsize=8, loc="lower right")
+    if len(data) <= 4:
+        ax_cdf.legend(fontsize=8, loc="lower right")
+    else:  # many groups: beside the panels, not over the curves
+        fig.legend(*ax_cdf.get_legend_handles_labels(), fontsize=7, loc="outside right center")
     ax_tail.set_xscale("log")
     ax_tail.set_yscale("log")
     ax_tail.set_xlabel(f"{what} latency (µs, log scale)")
@@ -136,47 +161,64 @@ def figure_latency_cdf(runs: Sequence[RunResult], op: str, what: str, noun: str)
                          color="0.4", ha="left", va="bottom")
     ax_tail.grid(True, which="major", alpha=0.3)
     fig.suptitle(f"{what} latency per strategy (all repeats pooled)", fontsize=11)
+    _footnote(fig, runs)
     return fig
 
 
+def _bar_height(n_groups: int) -> float:
+    """Figure height (inches) for horizontal bars of n groups, at least the standard one."""
+    return max(HEIGHT_IN, 1.6 + 0.38 * n_groups)
+
+
 def figure_waits(runs: Sequence[RunResult]) -> Figure:
-    """Spin ms and sleep ms per collapse, stacked by waiter role, per strategy.  Raises NoData
-    when no strategy has a collapse or no waiter roles exist."""
+    """Spin ms and sleep ms per collapse, stacked by waiter role, one horizontal bar per
+    strategy (group).  Raises NoData when no strategy has a collapse or no waiter roles exist."""
+    names = display_names(group_runs(runs))
     rows = [r for r in waits_table(runs).to_pylist() if r["spin_ms_per_collapse"] is not None]
     if not rows:
         raise NoData("no collapses (or no non-khugepaged CPUs) in the input")
+    for r in rows:  # one bar per group, named as in ptlab compare
+        r["strategy"] = names[f"{r['strategy']} [{r['config']}]" if r["config"] else r["strategy"]]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     roles = [ro for ro in ROLE_ORDER if any(r["role"] == ro for r in rows)]
     roles += sorted({r["role"] for r in rows} - set(roles))
-    fig, axes = _figure(2, 1)
-    xs = np.arange(len(strategies))
+    fig = Figure(figsize=(WIDTH_IN, _bar_height(len(strategies))), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True, squeeze=False)
+    ys = np.arange(len(strategies))
     for ax, col, title in ((axes[0][0], "spin_ms_per_collapse", "spinning (CPU time burned)"),
                            (axes[0][1], "sleep_ms_per_collapse", "sleeping (blocked, CPU free)")):
-        bottom = np.zeros(len(strategies))
+        left = np.zeros(len(strategies))
         for role in roles:
             vals = np.array([
                 next((r[col] for r in rows if r["strategy"] == s and r["role"] == role), 0.0) or 0.0
                 for s in strategies
             ])
-            ax.bar(xs, vals, bottom=bottom, color=_ROLE_COLORS.get(role, "0.5"), label=role, width=0.6)
-            bottom += vals
-        ax.set_xticks(xs, strategies, rotation=15 if len(strategies) > 3 else 0, fontsize=9)
-        ax.set_ylabel("ms per collapse (sum over waiting CPUs)")
+            ax.barh(ys, vals, left=left, color=_ROLE_COLORS.get(role, "0.5"), label=role, height=0.6)
+            left += vals
+        ax.set_xlabel("ms per collapse (sum over waiting CPUs)")
         ax.set_title(title, fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-        if bottom.any():
-            ax.set_ylim(0, float(bottom.max()) * 1.1)
+        ax.grid(True, axis="x", alpha=0.3)
+        if left.any():
+            ax.set_xlim(0, float(left.max()) * 1.1)
         else:
             ax.text(0.5, 0.5, "no waits", transform=ax.transAxes, ha="center", color="0.5")
-    axes[0][1].legend(title="who waited", fontsize=8, title_fontsize=8, loc="upper right")
+    axes[0][0].set_yticks(ys, strategies, fontsize=9)
+    axes[0][0].invert_yaxis()  # first strategy on top
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="who waited", fontsize=8, title_fontsize=8,
+               loc="outside right center")
     fig.suptitle("Who pays for a collapse: waits of events that started during one", fontsize=11)
+    _footnote(fig, runs)
     return fig
 
 
 def figure_timeline(runs: Sequence[RunResult]) -> Figure:
-    """Per-second counts of accesses, faults and collapses over the run, mean over repeats,
-    one panel each.  Raises NoData when none of the three ops occurs."""
-    groups = _by_strategy(runs)
+    """Events per second of accesses, faults and collapses over the run in 1-s bins (the last,
+    partial bin scaled to its length), mean over the repeats that lasted that long; one panel
+    each, log scale when strategies differ by more than 50x.  Raises NoData when none of the
+    three ops occurs."""
+    groups = _groups(runs)
     ops = (("access", "accesses/s"), ("fault", "faults/s"), ("collapse", "collapses/s"))
     series: dict[str, dict[str, np.ndarray]] = {op: {} for op, _ in ops}
     for s, rs in groups.items():
@@ -184,13 +226,17 @@ def figure_timeline(runs: Sequence[RunResult]) -> Figure:
             per_run = []
             for r in rs:
                 t = r.table
-                sec = t.filter(pc.equal(t.column("op").cast(pa.string()), op)).column("t_start_ns").to_numpy() // 1_000_000_000
-                span = max(1, int(np.ceil(r.duration_s)))
-                sec = sec[(sec >= 0) & (sec < span)]
-                per_run.append(np.bincount(sec.astype(np.int64), minlength=span).astype(float))
+                starts = t.filter(pc.equal(t.column("op").cast(pa.string()), op)).column("t_start_ns")
+                sec = starts.to_numpy() // 1_000_000_000
+                duration = r.duration_s if r.duration_s > 0 else 1.0
+                nbins = max(1, int(np.ceil(duration)))
+                widths = np.minimum(1.0, duration - np.arange(nbins))
+                sec = sec[(sec >= 0) & (sec < nbins)]
+                per_run.append(np.bincount(sec.astype(np.int64), minlength=nbins) / widths)
             if any(c.sum() for c in per_run):
                 width = max(len(c) for c in per_run)
-                series[op][s] = np.mean([np.pad(c, (0, width - len(c))) for c in per_run], axis=0)
+                padded = np.array([np.pad(c, (0, width - len(c)), constant_values=np.nan) for c in per_run])
+                series[op][s] = np.nanmean(padded, axis=0)
     if not any(series.values()):
         raise NoData("no access, fault or collapse events in the input")
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN * 1.4), dpi=DPI, layout="constrained")
@@ -201,11 +247,17 @@ def figure_timeline(runs: Sequence[RunResult]) -> Figure:
     for (op, label), ax in zip(ops, axes[:, 0], strict=True):
         for s, counts in series[op].items():
             x = np.arange(len(counts)) + 0.5
-            ax.plot(x, counts, marker="o", ms=3, color=_color(s, strategies), label=s)
+            ax.plot(x, counts, marker="o", ms=3, color=_color(s, strategies), linestyle=_linestyle(s),
+                    label=s)
         if not series[op]:
             ax.text(0.5, 0.5, f"no {op} events", transform=ax.transAxes, ha="center", color="0.5")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+        peaks = [float(np.max(c)) for c in series[op].values() if np.max(c) > 0]
+        if len(peaks) > 1 and max(peaks) > 50 * min(peaks):
+            ax.set_yscale("log")
+            ax.set_ylabel(label + " (log)")
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlim(0, span)
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("time since start of measurement (s; each point is one 1-s bin)")
@@ -216,15 +268,17 @@ def figure_timeline(runs: Sequence[RunResult]) -> Figure:
                 handles.append(h)
                 labels.append(lab)
     axes[0, 0].legend(handles, labels, fontsize=8, loc="upper right")
-    fig.suptitle("Throughput over time (mean over repeats)", fontsize=11)
+    fig.suptitle("Throughput over time (mean over the repeats running at that time)", fontsize=11)
+    _footnote(fig, runs)
     return fig
 
 
 def figure_phases(runs: Sequence[RunResult]) -> Figure:
-    """Mean time per collapse attempt of each phase column, stacked per strategy (ms).  Raises
-    NoData when there are no collapse events or every phase time is 0."""
+    """Mean time per collapse attempt of each phase column, stacked, one horizontal bar per
+    strategy (group), in ms; strategies whose phase times are all 0 are named below the axis.
+    Raises NoData when there are no collapse events with phase times."""
     means: dict[str, tuple[int, np.ndarray]] = {}
-    for s, rs in _by_strategy(runs).items():
+    for s, rs in _groups(runs).items():
         tables = [r.table.filter(pc.equal(r.table.column("op").cast(pa.string()), "collapse")) for r in rs]
         n = sum(t.num_rows for t in tables)
         if not n:
@@ -232,25 +286,32 @@ def figure_phases(runs: Sequence[RunResult]) -> Figure:
         sums = np.array([sum(int(pc.sum(t.column(c)).as_py() or 0) for t in tables) for c in PHASE_COLUMNS],
                         dtype=float)
         means[s] = (n, sums / n / 1e6)
-    if not means or not any(v.any() for _, v in means.values()):
+    without = [s for s, (_, v) in means.items() if not v.any()]
+    means = {s: nv for s, nv in means.items() if s not in without}
+    if not means:
         raise NoData("no collapse events with phase times in the input")
-    fig, axes = _figure(1, 1)
-    ax = axes[0][0]
     strategies = list(means)
-    xs = np.arange(len(strategies))
-    bottom = np.zeros(len(strategies))
+    fig = Figure(figsize=(WIDTH_IN, _bar_height(len(strategies))), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = np.arange(len(strategies))
+    left = np.zeros(len(strategies))
     for i, col in enumerate(PHASE_COLUMNS):
         vals = np.array([means[s][1][i] for s in strategies])
-        ax.bar(xs, vals, bottom=bottom, width=0.6, color=_PHASE_COLORS[i], label=col.removesuffix("_ns"))
-        bottom += vals
-    for x, s, top in zip(xs, strategies, bottom, strict=True):
-        ax.annotate(f"n={means[s][0]:,}", (x, top), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(xs, strategies, fontsize=9)
-    ax.set_ylabel("ms per collapse attempt (mean)")
-    ax.set_ylim(top=float(bottom.max()) * 1.12)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(title="phase", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.barh(ys, vals, left=left, height=0.6, color=_PHASE_COLORS[i], label=col.removesuffix("_ns"))
+        left += vals
+    for y, s, end in zip(ys, strategies, left, strict=True):
+        ax.annotate(f" {end:.3g} ms, n={means[s][0]:,}", (end, y), ha="left", va="center", fontsize=8)
+    ax.set_yticks(ys, strategies, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per collapse attempt (mean)")
+    ax.set_xlim(0, float(left.max()) * 1.3)
+    if without:  # e.g. the host kernel, which cannot be timed phase by phase
+        ax.set_title(f"no phase times recorded for: {', '.join(without)}", fontsize=8, color="0.4")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(title="phase", fontsize=8, title_fontsize=8, loc="outside right center")
     fig.suptitle("Where a collapse spends its time", fontsize=11)
+    _footnote(fig, runs)
     return fig
 
 

@@ -176,6 +176,38 @@ def test_bootstrap_interval_covers_and_excludes() -> None:
     assert 1.8 < lo < 2.0 < hi < 2.2
 
 
+def test_runs_with_other_parameters_are_not_pooled(tmp_path: Path) -> None:
+    """Order 4 and order 9 runs of a strategy are two groups, each measured against the
+    baseline run with the same order; seeds and durations do not split groups."""
+    for i in range(2):
+        make_run(tmp_path / f"p9-{i}.arrow", "pmd-clear", seed=i, duration_s=2.0 + i)
+        make_run(tmp_path / f"t9-{i}.arrow", "ptl-hold", seed=10 + i, fault_scale=3.0)
+    make_run(tmp_path / "p4.arrow", "pmd-clear", seed=20, params={"order": 4})
+    make_run(tmp_path / "t4.arrow", "ptl-hold", seed=21, params={"order": 4})  # same as pmd-clear
+    cmp = compare_paths([tmp_path])
+    assert cmp.groups == ("pmd-clear [order=4]", "pmd-clear [order=9]", "ptl-hold [order=4]",
+                          "ptl-hold [order=9]")
+    assert [n for _, _, n in cmp.group_params] == [1, 2, 1, 2]
+    by = {(r["config"], r["metric"]): r for r in cmp.ratios.to_pylist()}
+    r9 = by[("order=9", "latency:fault")]
+    assert r9["baseline"] == "pmd-clear [order=9]" and r9["verdict"] == SIGNIFICANT
+    r4 = by[("order=4", "latency:fault")]
+    assert r4["baseline"] == "pmd-clear [order=4]" and r4["verdict"] == NOT_SIGNIFICANT
+    text = render_text(cmp)
+    assert "Groups" in text and "ptl-hold#2 (vs pmd-clear#2)" in text
+    # one baseline group for all, chosen by its label
+    fixed = compare_paths([tmp_path], baseline="pmd-clear [order=4]")
+    assert {r["baseline"] for r in fixed.ratios.to_pylist()} == {"pmd-clear [order=4]"}
+
+
+def test_baseline_with_other_parameters_is_noted(tmp_path: Path) -> None:
+    make_run(tmp_path / "p.arrow", "pmd-clear", seed=1)
+    make_run(tmp_path / "t.arrow", "ptl-hold", seed=2, params={"order": 4})
+    cmp = compare_paths([tmp_path])
+    assert cmp.groups == ("pmd-clear", "ptl-hold")
+    assert any("whose parameters differ (order: 4 vs 9)" in n for n in cmp.notes)
+
+
 # --- hosts --------------------------------------------------------------------------------------
 
 
@@ -207,8 +239,8 @@ def test_notes_for_oversubscription_violations_and_duplicates(tmp_path: Path) ->
                               "phase": "copy", "t_ns": 5, "detail": "x"}])
     cmp = compare_paths([tmp_path, a, tmp_path / "a.arrow"])
     assert cmp.runs.num_rows == 1
-    assert any("oversubscription 2" in n for n in cmp.notes)
-    assert any("1 correctness violation" in n for n in cmp.notes)
+    assert any("oversubscription up to 2" in n for n in cmp.notes)
+    assert any("1 of 1 runs have correctness violations" in n for n in cmp.notes)
     import shutil
 
     shutil.copy(a, tmp_path / "copy.arrow")

@@ -71,9 +71,10 @@ def make_run(
     run_id: str | None = None,
     ops: tuple[str, ...] = ("access", "fault", "mmap", "collapse"),
     violations: list[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a synthetic result file.  Fault latency is lognormal with median 5 µs times
-    ``fault_scale``; a quarter of the faults start during a collapse and wait (spin or sleep
+    """Write a synthetic result file (``params`` override the run parameters).  Fault latency
+    is lognormal with median 5 µs times ``fault_scale``; a quarter of the faults start during a collapse and wait (spin or sleep
     by strategy); mmap() median 20 µs; collapses ~25/s, 80% SCAN_SUCCEED."""
     rng = np.random.default_rng(seed)
     dur_ns = int(duration_s * 1e9)
@@ -132,7 +133,8 @@ def make_run(
         "params": {"strategy": strategy, "order": 9, "duration_s": duration_s,
                    "cpus": {"app": 1, "mmap": 1, "khugepaged": 1}, "workload": "random",
                    "seed": seed, "flush": "ipi", "ptl": "split", "vma_locks": True,
-                   "inject_bugs": [], "unsafe": False, "chaos": False, "page_size": 4096},
+                   "inject_bugs": [], "unsafe": False, "chaos": False, "page_size": 4096,
+                   **(params or {})},
         "host": dict(host if host is not None else TEST_HOST),
         "calibration": [
             {"primitive": "cas", "unit": "ns", "median": 30.0, "p99": 45.0, "reference_median": 5.0, "ratio": 6.0},
