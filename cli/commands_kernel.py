@@ -10,12 +10,18 @@ into one line and exit code 2.
 from __future__ import annotations
 
 import math
+import platform
+import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from ptlab.core.compare import ALPHA, fmt_us
 from ptlab.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ptlab.core.kernel_probe import FidelityReport, KernelRun
 
 
 class FidelityFormat(str, Enum):
@@ -26,34 +32,19 @@ class FidelityFormat(str, Enum):
 
 
 _KERNEL_HELP = """\
-Measure the host kernel's own pmd-clear: madvise(MADV_COLLAPSE) goes through
-collapse_huge_page() (mmap_lock for write, PMD cleared and flushed, copy, install).
+Measure the host kernel's own pmd-clear: madvise(MADV_COLLAPSE) goes through collapse_huge_page() (mmap_lock for write, PMD cleared and flushed, copy, install).
 
-C threads (each pinned to its own core when there are enough cores, else only the collapser
-is pinned): a collapser loops MADV_COLLAPSE over --ranges 2 MiB ranges (re-splitting each
-after every collapse so there is always work); one thread faults pages of the collapsing VMA
-and one of another VMA (MADV_DONTNEED of --zap-pages pages, then a timed touch of each); one churns
-mmap()/munmap(); with --pin, one does O_DIRECT reads into the collapsing VMA, pinning pages
-so that collapses meet real GUP pins.  The same load runs first with the collapser idle
-(baseline), then with it running (loaded); each phase lasts --duration seconds and is written
-to its own Arrow file in --out, in the same schema as `ptlab run` (strategy
-kernel-madv-collapse).
+C threads (each pinned to its own core when there are enough cores, else the collapser keeps one core and the load threads share the others): a collapser loops MADV_COLLAPSE over --ranges 2 MiB ranges (re-splitting each after every collapse so there is always work); one thread faults pages of the collapsing VMA and one of another VMA (MADV_DONTNEED of --zap-pages pages, then a timed touch of each); one churns mmap()/munmap(); with --pin, one does O_DIRECT reads into the collapsing VMA, pinning pages so that collapses meet real GUP pins.  The same load runs first with the collapser idle (baseline), then with it running (loaded); each phase lasts --duration seconds and is written to its own Arrow file in --out, in the same schema as `ptlab run` (strategy kernel-madv-collapse).
 
-Needs Linux >= 6.1 with transparent hugepages not set to `never`.  Nothing under /sys is
-changed; the THP settings are recorded in the files.
+Needs Linux >= 6.1 with transparent hugepages not set to `never`.  Nothing under /sys is changed; the THP settings are recorded in the files.
 
 Example:  ptlab kernel --duration 10 --out results/kernel
 """
 
 _FIDELITY_HELP = """\
-Hold a kernel run beside a simulated pmd-clear run: same-VMA fault p50/p99/p99.9 with and
-without a collapse in flight, the other-VMA fault and mmap() ratios (during ÷ without
-collapse), each latency also as a multiple of the run's median collapse, and the dilation
-(sim ÷ kernel).  The column "relation" is the simulation's relative number over the kernel's:
-1.0 means the simulation reproduces who stalls and by how much relative to a collapse.
+Hold a kernel run beside a simulated pmd-clear run: same-VMA fault p50/p99/p99.9 with and without a collapse in flight, the other-VMA fault and mmap() ratios (during ÷ without collapse), each latency also as a multiple of the run's median collapse, and the dilation (sim ÷ kernel).  The column "relation" is the simulation's relative number over the kernel's: 1.0 means the simulation reproduces who stalls and by how much relative to a collapse.
 
-Give the kernel run's *-loaded.arrow file (its *-baseline.arrow beside it is picked up too,
-or give it) and one file from `ptlab run --strategy pmd-clear`, in any order.
+Give the kernel run's *-loaded.arrow file (its *-baseline.arrow beside it is picked up too, or give it) and one file from `ptlab run --strategy pmd-clear`, in any order.
 
 Example:  ptlab fidelity results/kernel/kernel-*-loaded.arrow results/pmd-clear-o9.arrow
 """
@@ -66,7 +57,7 @@ def kernel(
     pin: Annotated[bool, typer.Option("--pin/--no-pin", help="Run the O_DIRECT pin thread where the file system allows.")] = True,
     gap_us: Annotated[int, typer.Option("--gap-us", help="Idle µs after each collapse (0: back to back), so that the loaded phase also has time without a collapse in flight.")] = 200,
     zap_pages: Annotated[int, typer.Option("--zap-pages", help="Pages per MADV_DONTNEED in the fault threads (divides 512); each is then faulted back in and timed.")] = 64,
-    yield_cpu: Annotated[bool, typer.Option("--yield/--no-yield", help="Load threads sched_yield() after each batch, so the per-CPU LRU drain each collapse waits for is not starved.")] = True,
+    idle_load: Annotated[bool, typer.Option("--idle-load/--no-idle-load", help="Run the load threads under SCHED_IDLE, so the per-CPU LRU drain that every MADV_COLLAPSE waits for is not held off by them.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the threads' page choices.")] = 0,
     pin_dir: Annotated[Path | None, typer.Option("--pin-dir", help="Directory for the O_DIRECT file (default: the temp directory).")] = None,
 ) -> None:
@@ -75,13 +66,13 @@ def kernel(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     config = kp.ProbeConfig(duration_s=duration, ranges=ranges, pin=pin, gap_us=gap_us,
-                            zap_pages=zap_pages, yield_cpu=yield_cpu, seed=seed,
+                            zap_pages=zap_pages, idle_load=idle_load, seed=seed,
                             pin_dir=str(pin_dir) if pin_dir else None)
     host = kp.check_host()
     console = Console()
     thp = host["thp"]
     console.print(
-        f"kernel {_release()}: THP enabled={thp['enabled']} defrag={thp['defrag']} "
+        f"kernel {platform.release()}: THP enabled={thp['enabled']} defrag={thp['defrag']} "
         f"max_ptes_none={thp['khugepaged'].get('max_ptes_none')}; measuring MADV_COLLAPSE over "
         f"{ranges} × 2 MiB, {duration:g} s per phase"
     )
@@ -98,13 +89,7 @@ def kernel(
     _print_kernel_summary(console, run)
 
 
-def _release() -> str:
-    import platform
-
-    return platform.release()
-
-
-def _print_kernel_summary(console: Any, run: Any) -> None:
+def _print_kernel_summary(console: Any, run: KernelRun) -> None:
     from rich.table import Table
 
     loaded, base = run.summaries["loaded"], run.summaries["baseline"]
@@ -115,7 +100,7 @@ def _print_kernel_summary(console: Any, run: Any) -> None:
     cs = c["succeeded_latency"]
     console.print(
         f"collapses: {c['count']:,} ({c['per_s']:,.0f}/s), success {rate} ({results}); "
-        f"collapse p50 {_us(cs['p50_us'])} µs, p99 {_us(cs['p99_us'])} µs"
+        f"collapse p50 {fmt_us(cs['median_us'])} µs, p99 {fmt_us(cs['p99_us'])} µs"
     )
     pinning = meta_params["pinning"]
     console.print(
@@ -124,7 +109,7 @@ def _print_kernel_summary(console: Any, run: Any) -> None:
     )
     table = Table(title="latency, µs (p50 / p99)", title_justify="left")
     for col in ("op", "baseline (collapser idle)", "loaded, no collapse", "loaded, during collapse",
-                "slept during collapse"):
+                "asleep per collapse, µs"):
         table.add_column(col, justify="left" if col == "op" else "right")
     labels = {"fault_same": "fault, same VMA", "fault_other": "fault, other VMA", "mmap": "mmap()",
               "munmap": "munmap()", "dma": "O_DIRECT pin (dma)"}
@@ -132,13 +117,12 @@ def _print_kernel_summary(console: Any, run: Any) -> None:
         if key not in loaded:
             continue
         row = loaded[key]
-        slept = row["slept_during_collapse"]
         table.add_row(
             label,
             _pair(base.get(key, {}).get("all")),
             _pair(row["no_collapse"]),
             _pair(row["during_collapse"]),
-            f"{100 * slept:.0f}%" if slept is not None else "—",
+            fmt_us(row["asleep_per_collapse_us"]),
         )
     console.print(table)
     if loaded.get("overflow"):
@@ -147,20 +131,10 @@ def _print_kernel_summary(console: Any, run: Any) -> None:
     console.print(f"loaded:   {run.loaded}")
 
 
-def _us(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if v < 10:
-        return f"{v:.2f}"
-    if v < 1000:
-        return f"{v:.1f}"
-    return f"{v:,.0f}"
-
-
 def _pair(s: dict[str, Any] | None) -> str:
     if not s or not s.get("count"):
         return "—"
-    return f"{_us(s['p50_us'])} / {_us(s['p99_us'])}  (n={s['count']:,})"
+    return f"{fmt_us(s['median_us'])} / {fmt_us(s['p99_us'])}  (n={s['count']:,})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,22 +149,24 @@ def _num(v: float | None, unit: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
     if unit == "µs":
-        return _us(v)
+        return fmt_us(v)
     if unit == "%":
         return f"{v:.1f}%"
     if unit == "n":
         return f"{v:,.0f}"
-    return f"{v:.3g}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:#.3g}" if abs(v) >= 0.01 else f"{v:.1e}"
 
 
 def _with_p(v: float | None, p: float | None) -> str:
     s = _num(v, "×")
     if s == "—":
         return s
-    return f"{s}×" + (" (n.s.)" if p is None or p >= 0.05 else "")
+    return f"{s}×" + (" (n.s.)" if p is None or p >= ALPHA else "")
 
 
-def fidelity_cells(report: Any) -> list[list[str]]:
+def fidelity_cells(report: FidelityReport) -> list[list[str]]:
     """The fidelity table as rows of strings (one view for the terminal and Markdown)."""
     rows = []
     for r in report.rows:
@@ -213,7 +189,7 @@ def fidelity_cells(report: Any) -> list[list[str]]:
     return rows
 
 
-def fidelity_markdown(report: Any) -> str:
+def fidelity_markdown(report: FidelityReport) -> str:
     lines = [
         f"kernel: `{report.kernel_file}`" + (f" (baseline `{report.baseline_file}`)" if report.baseline_file else ""),
         f"sim: `{report.sim_file}`",
@@ -222,7 +198,7 @@ def fidelity_markdown(report: Any) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(FIDELITY_COLUMNS) - 1)) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in fidelity_cells(report)]
-    lines += ["", _FOOTER]
+    lines += ["", _headline(report) + ".", "", _FOOTER]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
 
@@ -230,8 +206,15 @@ def fidelity_markdown(report: Any) -> str:
 _FOOTER = (
     "÷ collapse: the latency as a multiple of the run's median successful collapse. "
     "sim/kernel: dilation. relation: sim ÷ kernel of the relative number (1 = same relation). "
-    "Ratios: during ÷ without a collapse in flight; (n.s.) = Mann-Whitney U p ≥ 0.05."
+    "Ratios: during ÷ without a collapse in flight; (n.s.) = Mann-Whitney U p ≥ 0.05. "
+    "Asleep per collapse: sleep of the events that started during a collapse, summed, "
+    "per collapse (independent of how many events a thread makes)."
 )
+
+
+def _headline(report: FidelityReport) -> str:
+    parts = [f"{name} ×{_num(v, '×')}" for name, v in report.headline().items()]
+    return "dilation (sim ÷ kernel): " + ", ".join(parts)
 
 
 def fidelity(
@@ -251,15 +234,16 @@ def fidelity(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(f"kernel: {report.kernel_file}" + (f"  (baseline {report.baseline_file})" if report.baseline_file else ""))
     console.print(f"sim:    {report.sim_file}")
     table = Table()
     for col in FIDELITY_COLUMNS:
-        table.add_column(col, justify="left" if col == "metric" else "right")
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=col == "metric")
     for row in fidelity_cells(report):
         table.add_row(*row)
     console.print(table)
+    console.print(_headline(report))
     console.print(_FOOTER)
     for n in report.notes:
         console.print(f"[yellow]note:[/] {n}")

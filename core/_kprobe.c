@@ -27,9 +27,9 @@
  *               pin_user_pages_fast) for the I/O, so a collapse meeting it fails the refcount
  *               check (SCAN_PAGE_COUNT -> EAGAIN).  Only when given a file descriptor.
  *
- * The load threads sched_yield() after each batch: every MADV_COLLAPSE waits in
+ * With idle_load the load threads run under SCHED_IDLE: every MADV_COLLAPSE waits in
  * lru_add_drain_all() for a kworker on each CPU with pages in its LRU batches, and busy loops
- * sharing that CPU would otherwise starve it for a time slice (see core/kernel_probe.py).
+ * on that CPU would otherwise hold it off for a time slice (see core/kernel_probe.py).
  *
  * No Python runs in any timed loop: the GIL is released for the whole phase, every event goes
  * into a per-thread preallocated array of struct kp_event (32 bytes, layout fixed below), and
@@ -114,7 +114,7 @@ struct kp_phase {
     size_t pin_file_pages;
     size_t churn_len;
     size_t zap_pages; /* pages per MADV_DONTNEED in the fault threads; divides 512 */
-    int yield;        /* load threads sched_yield() after each batch (see kp_faulter) */
+    int idle_load;    /* load threads (all but the collapser) run under SCHED_IDLE */
     int64_t gap_ns;   /* idle time after each collapse */
     int64_t phase0;   /* CLOCK_MONOTONIC of the phase start */
     int stop;         /* set (release) by the controller; threads poll it (acquire) */
@@ -221,10 +221,10 @@ static void kp_collapser(struct kp_thread *t)
 }
 
 /* A fault thread: zap a random run of zap_pages pages, then time each write that faults one
- * back in.  The zap takes the same per-VMA lock as the fault (madvise(MADV_DONTNEED) runs
- * under lock_vma_under_rcu), so with one page per zap the untimed zap, not the timed fault,
- * would be what meets a collapse's vma_start_write(); zapping a run makes most of the thread's
- * time timed faults. */
+ * back in.  The zap waits for the collapse's locks too (the VMA's lock, or mmap_lock for
+ * read) and costs more than a fault, so with one page per zap the zap, not the fault, would
+ * be what meets a collapse's vma_start_write(); zapping a run makes most of the thread's
+ * time faults. */
 static void kp_faulter(struct kp_thread *t, char *base)
 {
     struct kp_phase *ph = t->ph;
@@ -249,8 +249,6 @@ static void kp_faulter(struct kp_thread *t, char *base)
             kp_sched_read(&s1);
             kp_record(t, KP_OP_FAULT, t0, t1, &s0, &s1, 0, (int32_t)pg);
         }
-        if (ph->yield)
-            sched_yield();
     }
 }
 
@@ -279,8 +277,6 @@ static void kp_mmapper(struct kp_thread *t)
         err = rc ? errno : 0;
         kp_sched_read(&s1);
         kp_record(t, KP_OP_MUNMAP, t0, t1, &s0, &s1, err, -1);
-        if (ph->yield)
-            sched_yield();
     }
 }
 
@@ -312,7 +308,7 @@ static void *kp_thread_main(void *arg)
     char name[16];
     snprintf(name, sizeof(name), "kp-%s", kp_kind_names[t->kind]);
     pthread_setname_np(pthread_self(), name); /* shows in top, /proc/<pid>/task/<tid>/comm */
-    if (ph->yield && t->kind != KP_COLLAPSER) {
+    if (ph->idle_load && t->kind != KP_COLLAPSER) {
         struct sched_param sp = {0};
         t->idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0;
     }
@@ -428,24 +424,25 @@ static int kp_seq_ints(PyObject *seq, const char *what, long out[KP_NR_KINDS])
 
 PyDoc_STRVAR(run_phase_doc,
 "run_phase(duration_ns, warmup_ns, ranges, collapse, pin_fd, pin_file_pages, placement,\n"
-"          capacity, seed, gap_ns, churn_bytes, zap_pages, yield) -> dict\n\n"
+"          capacity, seed, gap_ns, churn_bytes, zap_pages, idle_load) -> dict\n\n"
 "Run one phase of the probe with the GIL released and return its events.\n"
 "placement: a core per thread kind (collapser, fault-same, fault-other, mmap, pin), -1 for\n"
-"no pinning; capacity: events to preallocate per kind.  The collapser runs only when\n"
-"`collapse` is true, the pin thread only when pin_fd >= 0.  Returns {'phase_ns', 'threads':\n"
-"[{'kind', 'cpu', 'pinned', 'events' (bytes of 32-byte records), 'n', 'overflow'}...]}\n"
-"for the threads that ran.  Raises OSError when the VMAs or buffers cannot be mapped.");
+"no pinning; capacity: events to preallocate per kind; idle_load: load threads under\n"
+"SCHED_IDLE.  The collapser runs only when `collapse` is true, the pin thread only when\n"
+"pin_fd >= 0.  Returns {'phase_ns', 'threads': [{'kind', 'cpu', 'pinned', 'sched_idle',\n"
+"'events' (bytes of 32-byte records), 'n', 'overflow'}, ...]} for the threads that ran.\n"
+"Raises OSError when the VMAs or buffers cannot be mapped.");
 
 static PyObject *M_run_phase(PyObject *mod, PyObject *args)
 {
     long long duration_ns, warmup_ns, gap_ns;
-    int ranges, collapse, pin_fd, yield;
+    int ranges, collapse, pin_fd, idle_load;
     Py_ssize_t pin_file_pages, churn_bytes, zap_pages;
     unsigned long long seed;
     PyObject *placement_obj, *capacity_obj;
     if (!PyArg_ParseTuple(args, "LLiiinOOKLnnp", &duration_ns, &warmup_ns, &ranges, &collapse,
                           &pin_fd, &pin_file_pages, &placement_obj, &capacity_obj, &seed, &gap_ns,
-                          &churn_bytes, &zap_pages, &yield))
+                          &churn_bytes, &zap_pages, &idle_load))
         return NULL;
     long placement[KP_NR_KINDS], capacity[KP_NR_KINDS];
     if (kp_seq_ints(placement_obj, "placement", placement) < 0 ||
@@ -481,7 +478,7 @@ static PyObject *M_run_phase(PyObject *mod, PyObject *args)
     ph->pin_file_pages = (size_t)pin_file_pages;
     ph->churn_len = (size_t)churn_bytes;
     ph->zap_pages = (size_t)zap_pages;
-    ph->yield = yield;
+    ph->idle_load = idle_load;
     ph->gap_ns = gap_ns;
     int active[KP_NR_KINDS] = {collapse != 0, 1, 1, 1, pin_fd >= 0};
     int err = 0;
@@ -575,10 +572,10 @@ static PyObject *M_run_phase(PyObject *mod, PyObject *args)
         if (!t->started)
             continue;
         PyObject *d = Py_BuildValue(
-            "{s:s,s:i,s:O,s:y#,s:n,s:n}", "kind", kp_kind_names[k], "cpu", t->cpu, "pinned",
-            t->pinned ? Py_True : Py_False, "events", (const char *)t->ev,
-            (Py_ssize_t)(t->n * sizeof(struct kp_event)), "n", (Py_ssize_t)t->n, "overflow",
-            (Py_ssize_t)t->overflow);
+            "{s:s,s:i,s:O,s:O,s:y#,s:n,s:n}", "kind", kp_kind_names[k], "cpu", t->cpu,
+            "pinned", t->pinned ? Py_True : Py_False, "sched_idle", t->idle ? Py_True : Py_False,
+            "events", (const char *)t->ev, (Py_ssize_t)(t->n * sizeof(struct kp_event)), "n",
+            (Py_ssize_t)t->n, "overflow", (Py_ssize_t)t->overflow);
         if (!d || PyList_Append(threads, d) < 0) {
             Py_XDECREF(d);
             goto out;

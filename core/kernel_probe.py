@@ -41,25 +41,33 @@ scheduler took the core away (runnable, not blocked), "" otherwise.  ``spin_ns``
 space cannot see the kernel's spinning.
 
 Placement: with at least as many cores (in this process's affinity mask) as threads, each
-thread is pinned to a core of its own.  With fewer, only the collapser is pinned and the load
-threads float over all cores (``cpu`` -1).  The reason is in the kernel: every MADV_COLLAPSE
-starts with ``lru_add_drain_all()``, which queues work on each CPU holding pages in its LRU
-batches (every CPU that just faulted) and sleeps until that kworker has run.  Busy threads
-pinned to the same core as that kworker starve it for a time slice: on a 2-core host, load
-pinned to the second core stretched the median collapse from ~0.2 ms to 2-6 ms and its p99 to
-over 100 ms, which measures the scheduler, not the collapse.  For the same reason the load
-threads ``sched_yield()`` after each batch (one zap and its faults, one mmap cycle), which lets a waiting
-kworker in within microseconds.  ``params.pinning`` records the placement and the
-oversubscription (threads per core).
+thread is pinned to a core of its own.  With fewer, the collapser keeps the first core to
+itself and the load threads share the others, round robin (on one core, all share it).  The
+load threads must not share the collapser's core: a thread there runs only while the
+collapser does not, so it would never be *in* a collapse and could never be stalled by one.
+``params.pinning`` records the placement and the oversubscription (threads per core).
+
+The load threads run under SCHED_IDLE (``idle_load``).  The reason is in the kernel: every
+MADV_COLLAPSE starts with ``lru_add_drain_all()`` -- under mmap_read_lock, since madvise()
+takes it for MADV_COLLAPSE -- which queues work on each CPU holding pages in its per-CPU LRU
+batches (every CPU that just faulted) and sleeps until those kworkers have run.  Busy loops
+at normal priority on the load core keep that kworker waiting for their time slice.  On the
+2-core development VM, three 2 s runs each: at normal priority 25-650 collapses with medians
+of 0.27-28 ms, and sampled kernel stacks (/proc/<tid>/stack) showed the collapser waiting in
+``__flush_work`` under ``lru_add_drain_all`` most of the time -- the scheduler, not the
+collapse; under SCHED_IDLE, which yields to the kworker at once, 2,000-2,200 collapses with
+medians of 0.16-0.21 ms.  The drain remains part of every collapse time here (MADV_COLLAPSE
+drains per call; khugepaged once per scan pass), and so do its rarer long waits.
 
 Fault threads zap a run of ``zap_pages`` (64) pages with one MADV_DONTNEED and then time the
-fault of each page.  With one page per zap, the zap -- which takes the same per-VMA lock and
-costs more than a fault -- would be what meets the collapse's ``vma_start_write()``, and the
-faults would rarely be; with 64, faults fill about nine tenths of the thread's time.  The
+fault of each page.  With one page per zap, the zap -- which waits for the collapse's locks
+too and costs more than a fault -- would be what meets the collapse's ``vma_start_write()``,
+and the faults would rarely be; with 64, faults fill about nine tenths of the thread's time.  The
 collapser idles ``gap_us`` (200 µs, about one collapse) after each call, so the loaded phase
-also has time with no collapse in flight (its "no collapse" events).  Note that a fault blocked by a collapse is one event however long it waits, while a
-free-running thread makes hundreds of fast faults meanwhile: blocked faults are a small share
-of the events, and show in p99/p99.9, not in the median.
+also has time with no collapse in flight (its "no collapse" events).  Note that a fault
+blocked by a collapse is one event however long it waits, while a free-running thread makes
+hundreds of fast faults meanwhile: blocked faults are a small share of the events, and show
+in p99/p99.9, not in the median.
 
 Nothing under /sys is ever written: THP settings are read and recorded, never changed.
 """
@@ -85,14 +93,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ptlab.core.compare import latency_quantiles_us
 from ptlab.core.errors import ConfigError
+from ptlab.core.host import fingerprint, incompatibilities
 from ptlab.core.results import RunResult, read_run, write_run
 
 STRATEGY = "kernel-madv-collapse"
 KIND = "kernel"
 PHASES = ("baseline", "loaded")
 THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
-MIN_KERNEL = (6, 1)  # MADV_COLLAPSE: 7d8faaf15545 ("mm/madvise: introduce MADV_COLLAPSE")
+MIN_KERNEL = (6, 1)  # "mm/madvise: introduce MADV_COLLAPSE sync hugepage collapse"
 PAGE_SIZE = 4096
 PMD_SIZE = 2 << 20
 HPAGE_PMD_ORDER = 9
@@ -142,7 +152,7 @@ class ProbeConfig:
     gap_us: int = 200
     churn_kib: int = 64
     zap_pages: int = 64  # pages per MADV_DONTNEED in the fault threads (see the header)
-    yield_cpu: bool = True  # load threads sched_yield() after each batch (see the header)
+    idle_load: bool = True  # load threads run under SCHED_IDLE (see the header)
     seed: int = 0
     pin_dir: str | None = None  # where the O_DIRECT file goes; None: the temp directory
 
@@ -160,7 +170,6 @@ class ProbeConfig:
                 f"the churned mapping must be a multiple of 4 KiB between 4 KiB and 1 GiB "
                 f"(got {self.churn_kib} KiB)"
             )
-
         if self.zap_pages < 1 or 512 % self.zap_pages:
             raise ConfigError(f"--zap-pages must divide 512 (1, 2, 4, ..., 512; got {self.zap_pages})")
 
@@ -260,23 +269,6 @@ def _kernel_version(release: str) -> tuple[int, int] | None:
         return None
 
 
-def _fingerprint(threads: int) -> dict[str, Any]:
-    try:
-        from ptlab.core.host import fingerprint
-    except ImportError:  # an older tree without the shared fingerprint: the critical keys only
-        return {
-            "cpu_model": platform.processor() or platform.machine(),
-            "cores": os.cpu_count() or 1,
-            "cores_usable": len(os.sched_getaffinity(0)),
-            "machine": platform.machine(),
-            "kernel_release": platform.release(),
-            "os": platform.system(),
-            "python": platform.python_version(),
-            "simulated_cpus": threads,
-        }
-    return fingerprint(simulated_cpus=threads)
-
-
 def check_host(
     *,
     system: str | None = None,
@@ -326,15 +318,15 @@ def check_host(
 
         collapse_check = _kprobe.collapse_check
     check = dict(collapse_check())
-    if check.get("thp_disable"):
-        raise ConfigError(
-            "THP is disabled for this process (prctl PR_SET_THP_DISABLE, inherited from its "
-            "parent, e.g. a container runtime or systemd's MemoryDenyWriteExecute setups); start "
-            "ptlab from a shell without it"
-        )
     if check.get("hugepage_errno"):
         name = errno_mod.errorcode.get(check["hugepage_errno"], str(check["hugepage_errno"]))
         raise ConfigError(f"madvise(MADV_HUGEPAGE) fails on this kernel ({name}); THP cannot be used here")
+    if check.get("collapse_errno") == errno_mod.EINVAL and check.get("thp_disable"):
+        raise ConfigError(
+            "madvise(MADV_COLLAPSE) fails with EINVAL because THP is disabled for this process "
+            "(prctl PR_SET_THP_DISABLE, inherited from its parent); start ptlab from a shell "
+            "without it"
+        )
     if check.get("collapse_errno") == errno_mod.EINVAL:
         raise ConfigError(
             f"madvise(MADV_COLLAPSE) on a valid 2 MiB range failed with EINVAL: kernel {release} "
@@ -348,12 +340,15 @@ def check_host(
 
 
 def placement(cores: Sequence[int], kinds: Sequence[str]) -> dict[str, int]:
-    """The core each probe thread is pinned to, -1 for a thread left to float over all cores
-    (see the module header).  ``kinds`` lists the threads, collapser first when present."""
+    """The core each probe thread is pinned to (see the module header); -1 when the process
+    may run nowhere we know of.  ``kinds`` lists the threads, collapser first."""
     cores = list(cores)
-    if cores and len(cores) >= len(kinds):
+    if not cores:
+        return {k: -1 for k in kinds}
+    if len(cores) >= len(kinds):
         return dict(zip(kinds, cores[: len(kinds)], strict=True))
-    return {k: cores[0] if k == "collapser" and cores else -1 for k in kinds}
+    load = cores[1:] or cores[:1]
+    return {k: cores[0] if i == 0 else load[(i - 1) % len(load)] for i, k in enumerate(kinds)}
 
 
 @dataclass(frozen=True)
@@ -458,7 +453,7 @@ def _run_phase(
     args = (
         int(config.duration_s * 1e9), int(config.warmup_s * 1e9), config.ranges, int(collapse),
         pin.fd, pin.pages, places, capacity, config.seed, config.gap_us * 1000,
-        config.churn_kib * 1024, config.zap_pages, config.yield_cpu,
+        config.churn_kib * 1024, config.zap_pages, config.idle_load,
     )
     box: dict[str, Any] = {}
 
@@ -599,7 +594,7 @@ def run_probe(
     with pin_source(config.pin, config.pin_dir) as pin:
         kinds = [k.name for k in THREADS if k.name != "pin" or pin.fd >= 0]
         where = placement(cores, kinds)
-        host = _fingerprint(len(kinds))
+        host = fingerprint(simulated_cpus=len(kinds))
         host.update(host_info)
         for phase in PHASES:
             loaded = phase == "loaded"
@@ -612,7 +607,7 @@ def run_probe(
             summary = summarize_columns(cols, config.duration_s)
             summary["overflow"] = {t["kind"]: int(t["overflow"]) for t in raw["threads"] if t["overflow"]}
             summary["kernel_counters"] = {k: after[k] - before[k] for k in after if k in before}
-            pinned = {t["kind"]: bool(t["pinned"]) for t in raw["threads"]}
+            ran = {t["kind"]: t for t in raw["threads"]}
             params = {
                 "strategy": STRATEGY,
                 "phase": phase,
@@ -622,16 +617,17 @@ def run_probe(
                 "vma_bytes": config.ranges * PMD_SIZE,
                 "threads": {
                     k: {"role": THREADS[_KIND_INDEX[k]].role, "vma": THREADS[_KIND_INDEX[k]].vma,
-                        "cpu": where[k], "pinned": pinned.get(k, False)}
+                        "cpu": where[k], "pinned": bool(ran[k]["pinned"]),
+                        "sched_idle": bool(ran[k]["sched_idle"])}
                     for k in running
                 },
                 "pinning": {
                     "cores": cores,
-                    "placement": {k: where[k] for k in running},  # -1: floats over all cores
+                    "placement": {k: where[k] for k in running},
                     "threads": len(running),
                     "oversubscription": round(len(running) / max(1, len(cores)), 3),
-                    "policy": "one core each" if all(where[k] >= 0 for k in kinds)
-                    else "collapser pinned, load threads float",
+                    "policy": "one core each" if len(cores) >= len(kinds)
+                    else "collapser on a core of its own, load threads share the others",
                 },
                 "pin_source": {"enabled": pin.fd >= 0, "how": pin.reason,
                                "directory": pin.directory, "fstype": pin.fstype},
@@ -654,15 +650,6 @@ def run_probe(
 
 # --------------------------------------------------------------------------------------------
 # statistics over result files (kernel or simulated)
-
-
-def quantile_us(ns: np.ndarray, q: float) -> float | None:
-    """Quantile q of latencies in ns, in µs; None when fewer than 1/(1-q) events support it
-    (a "p99.9" of 200 events would only be their maximum)."""
-    n = len(ns)
-    if n == 0 or (q > 0.5 and n < round(1.0 / (1.0 - q))):
-        return None
-    return float(np.quantile(ns, q)) / 1e3
 
 
 @dataclass(frozen=True)
@@ -692,6 +679,7 @@ class Events:
         if strategy is not None:
             strat = _strings(table, "strategy")
             table = table.filter(pa.array(strat == strategy))
+
         def num(name: str, fill: Any) -> np.ndarray:
             return pc.fill_null(table.column(name), fill).to_numpy()
 
@@ -734,9 +722,15 @@ def _strings(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(arr.to_pylist(), dtype=object)
 
 
-def _lat_summary(ns: np.ndarray) -> dict[str, Any]:
-    return {"count": int(len(ns)), "p50_us": quantile_us(ns, 0.5), "p99_us": quantile_us(ns, 0.99),
-            "p999_us": quantile_us(ns, 0.999)}
+def sleep_per_collapse_us(ev: Events, sel: Mapping[str, Any]) -> float | None:
+    """Time the selected events that started during a collapse spent asleep, summed and divided
+    by the number of collapses, in µs.  Unlike a quantile over events it does not depend on how
+    many events a thread makes per collapse (one blocked fault against hundreds of free ones in
+    the kernel, a few in a slower simulation), so kernel and simulation compare directly."""
+    n = int(ev.select(op="collapse").sum())
+    if n == 0 or not ev.select(**sel).any():
+        return None
+    return float(ev.sleep_ns[ev.select(**sel, during=True)].sum()) / n / 1e3
 
 
 def summarize(ev: Events, duration_s: float) -> dict[str, Any]:
@@ -752,8 +746,8 @@ def summarize(ev: Events, duration_s: float) -> dict[str, Any]:
         "succeeded": int(ok.sum()),
         "success_rate": float(ok.sum() / c.sum()) if c.any() else None,
         "results": {str(r): int(n) for r, n in zip(results, counts, strict=True)},
-        "succeeded_latency": _lat_summary(ev.latency_ns[ok]),
-        "latency": _lat_summary(ev.latency_ns[c]),
+        "succeeded_latency": latency_quantiles_us(ev.latency_ns[ok]),
+        "latency": latency_quantiles_us(ev.latency_ns[c]),
     }
     rows = {"fault_same": dict(op="fault", vma="same"), "fault_other": dict(op="fault", vma="other"),
             "mmap": dict(op="mmap"), "munmap": dict(op="munmap"), "dma": dict(op="dma")}
@@ -762,11 +756,10 @@ def summarize(ev: Events, duration_s: float) -> dict[str, Any]:
         if not m.any():
             continue
         out[name] = {
-            "all": _lat_summary(ev.latency_ns[m]),
-            "no_collapse": _lat_summary(ev.latency_ns[m & ~ev.during]),
-            "during_collapse": _lat_summary(ev.latency_ns[m & ev.during]),
-            "slept_during_collapse": (float((ev.sleep_ns[m & ev.during] > 0).mean())
-                                      if (m & ev.during).any() else None),
+            "all": latency_quantiles_us(ev.latency_ns[m]),
+            "no_collapse": latency_quantiles_us(ev.latency_ns[m & ~ev.during]),
+            "during_collapse": latency_quantiles_us(ev.latency_ns[m & ev.during]),
+            "asleep_per_collapse_us": sleep_per_collapse_us(ev, sel),
         }
     return out
 
@@ -780,7 +773,6 @@ def summarize_columns(cols: Mapping[str, Any], duration_s: float) -> dict[str, A
 
 
 SIM_STRATEGY = "pmd-clear"
-ALPHA = 0.05  # as in ptlab compare
 
 
 @dataclass(frozen=True)
@@ -808,6 +800,16 @@ class FidelityReport:
     sim_collapse_p50_us: float | None
     rows: tuple[FidelityRow, ...]
     notes: tuple[str, ...]
+
+    def row(self, metric: str) -> FidelityRow:
+        return next(r for r in self.rows if r.metric == metric)
+
+    def headline(self) -> dict[str, float | None]:
+        """The dilation in two numbers: of the median collapse and of the median fault."""
+        return {
+            "collapse p50": self.dilation(self.row("collapse p50 (SCAN_SUCCEED)")),
+            "same-VMA fault p50, no collapse": self.dilation(self.row("same-VMA fault, no collapse p50")),
+        }
 
     def dilation(self, row: FidelityRow) -> float | None:
         """sim / kernel of a latency row: how much slower the simulation runs."""
@@ -911,28 +913,23 @@ def fidelity(paths: Sequence[str | os.PathLike[str]]) -> FidelityReport:
             raise ConfigError(f"the {name} run {r.path} made no collapses; nothing to hold the other against")
     notes: list[str] = []
 
-    def collapse_p(ev: Events, q: float) -> float | None:
-        ok = ev.select(op="collapse") & (ev.result == SUCCEED)
-        return quantile_us(ev.latency_ns[ok], q)
+    def collapse_q(ev: Events) -> dict[str, Any]:
+        return latency_quantiles_us(ev.latency_ns[ev.select(op="collapse") & (ev.result == SUCCEED)])
 
-    k_c50, s_c50 = collapse_p(k, 0.5), collapse_p(s, 0.5)
+    k_coll, s_coll = collapse_q(k), collapse_q(s)
+    k_c50, s_c50 = k_coll["median_us"], s_coll["median_us"]
     if k_c50 is None or s_c50 is None:
         notes.append("a run has no successful collapse: relations to the collapse are left out")
     sim_orders = set(np.unique(s.order[s.select(op="collapse")]).tolist())
     if sim_orders - {HPAGE_PMD_ORDER}:
         notes.append(f"the simulated run collapsed order(s) {sorted(sim_orders)}; MADV_COLLAPSE "
                      f"collapses order {HPAGE_PMD_ORDER} only")
-    kh, sh = kernel.meta.get("host") or {}, sim.meta.get("host") or {}
-    differ = [key for key in ("cpu_model", "cores", "kernel_release")
-              if kh.get(key) is not None and sh.get(key) is not None and kh.get(key) != sh.get(key)]
-    if differ:
-        notes.append("the simulated run comes from another host (" + ", ".join(
-            f"{key}: {kh[key]} vs {sh[key]}" for key in differ) + "): its dilation mixes in the machine")
+    mismatches = incompatibilities(kernel.meta.get("host") or {}, sim.meta.get("host") or {})
+    if mismatches:
+        notes.append("the simulated run comes from another host (" + "; ".join(map(str, mismatches))
+                     + "): its dilation mixes in the machine")
 
     rows: list[FidelityRow] = []
-
-    def idle(sel: dict[str, Any], q: float) -> float | None:
-        return quantile_us(b.lat(**sel), q) if b is not None else None
 
     def count_row(metric: str, fn: Callable[[Events], float | None], unit: str) -> None:
         rows.append(FidelityRow(metric, unit, fn(k), fn(s)))
@@ -941,30 +938,29 @@ def fidelity(paths: Sequence[str | os.PathLike[str]]) -> FidelityReport:
     count_row("collapse success", lambda ev: 100.0 * float(
         (ev.result[ev.select(op="collapse")] == SUCCEED).mean()), "%")
     rows.append(FidelityRow("collapse p50 (SCAN_SUCCEED)", "µs", k_c50, s_c50))
-    rows.append(FidelityRow("collapse p99 (SCAN_SUCCEED)", "µs", collapse_p(k, 0.99),
-                            collapse_p(s, 0.99), relative=True))
+    rows.append(FidelityRow("collapse p99 (SCAN_SUCCEED)", "µs", k_coll["p99_us"], s_coll["p99_us"],
+                            relative=True))
 
-    def latency_rows(label: str, sel: dict[str, Any], qs: Sequence[tuple[str, float]]) -> None:
-        for qname, q in qs:
-            during = sel.get("during")
-            base_sel = {key: v for key, v in sel.items() if key != "during"}
-            rows.append(FidelityRow(
-                f"{label} {qname}", "µs", quantile_us(k.lat(**sel), q), quantile_us(s.lat(**sel), q),
-                kernel_idle=idle(base_sel, q) if during is False else None, relative=True))
+    def latency_rows(label: str, sel: dict[str, Any], qs: Sequence[tuple[str, str]]) -> None:
+        kq, sq = latency_quantiles_us(k.lat(**sel)), latency_quantiles_us(s.lat(**sel))
+        # the baseline has no collapse at all: it stands beside the "no collapse" rows
+        bq = (latency_quantiles_us(b.lat(**{key: v for key, v in sel.items() if key != "during"}))
+              if b is not None and sel.get("during") is False else {})
+        for qname, key in qs:
+            rows.append(FidelityRow(f"{label} {qname}", "µs", kq[key], sq[key],
+                                    kernel_idle=bq.get(key), relative=True))
 
-    def ratio_rows(label: str, sel: dict[str, Any], qs: Sequence[tuple[str, float]]) -> None:
-        def parts(ev: Events) -> tuple[np.ndarray, np.ndarray]:
-            return ev.lat(**sel, during=True), ev.lat(**sel, during=False)
+    def ratio_rows(label: str, sel: dict[str, Any], qs: Sequence[tuple[str, str]]) -> None:
+        kd, kn = k.lat(**sel, during=True), k.lat(**sel, during=False)
+        sd, sn = s.lat(**sel, during=True), s.lat(**sel, during=False)
+        kdq, knq, sdq, snq = (latency_quantiles_us(x) for x in (kd, kn, sd, sn))
+        kp_, sp_ = _mwu_p(kd, kn), _mwu_p(sd, sn)
+        for qname, key in qs:
+            rows.append(FidelityRow(f"{label} {qname}", "×", _ratio(kdq[key], knq[key]),
+                                    _ratio(sdq[key], snq[key]), kernel_p=kp_, sim_p=sp_))
 
-        (kd, kn), (sd, sn) = parts(k), parts(s)
-        kp, sp = _mwu_p(kd, kn), _mwu_p(sd, sn)
-        for qname, q in qs:
-            rows.append(FidelityRow(
-                f"{label} {qname}", "×", _ratio(quantile_us(kd, q), quantile_us(kn, q)),
-                _ratio(quantile_us(sd, q), quantile_us(sn, q)), kernel_p=kp, sim_p=sp))
-
-    p3 = (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))
-    p2 = (("p50", 0.5), ("p99", 0.99))
+    p3 = (("p50", "median_us"), ("p99", "p99_us"), ("p99.9", "p999_us"))
+    p2 = p3[:2]
     same = {"op": "fault", "role": "app", "vma": "same"}
     other = {"op": "fault", "role": "app", "vma": "other"}
     mm = {"op": "mmap"}
@@ -972,17 +968,19 @@ def fidelity(paths: Sequence[str | os.PathLike[str]]) -> FidelityReport:
     latency_rows("same-VMA fault, during collapse", {**same, "during": True}, p3)
     ratio_rows("same-VMA fault during÷no collapse", same, p2)
 
-    def slept(ev: Events) -> float | None:
-        m = ev.select(**same, during=True)
-        return 100.0 * float((ev.sleep_ns[m] > 0).mean()) if m.any() else None
+    def sleep_row(label: str, sel: dict[str, Any]) -> None:
+        rows.append(FidelityRow(f"{label} asleep per collapse", "µs", sleep_per_collapse_us(k, sel),
+                                sleep_per_collapse_us(s, sel), relative=True))
 
-    count_row("same-VMA faults during collapse that slept", slept, "%")
+    sleep_row("same-VMA fault", same)
     latency_rows("other-VMA fault, no collapse", {**other, "during": False}, p2)
     latency_rows("other-VMA fault, during collapse", {**other, "during": True}, p2)
     ratio_rows("other-VMA fault during÷no collapse", other, p2)
+    sleep_row("other-VMA fault", other)
     latency_rows("mmap, no collapse", {**mm, "during": False}, p2)
     latency_rows("mmap, during collapse", {**mm, "during": True}, p2)
     ratio_rows("mmap during÷no collapse", mm, p2)
+    sleep_row("mmap", mm)
     return FidelityReport(
         kernel_file=kernel.path, baseline_file=base.path if base is not None else None,
         sim_file=sim.path, kernel_collapse_p50_us=k_c50, sim_collapse_p50_us=s_c50,
