@@ -738,7 +738,7 @@ def summarize(ev: Events, duration_s: float) -> dict[str, Any]:
     faults (same/other VMA), mmap() and pins, with and without a collapse in flight."""
     out: dict[str, Any] = {}
     c = ev.select(op="collapse")
-    results, counts = np.unique(ev.result[c], return_counts=True) if c.any() else ([], [])
+    results, counts = np.unique(ev.result[c].astype(str), return_counts=True)
     ok = c & (ev.result == SUCCEED)
     out["collapse"] = {
         "count": int(c.sum()),
@@ -749,8 +749,10 @@ def summarize(ev: Events, duration_s: float) -> dict[str, Any]:
         "succeeded_latency": latency_quantiles_us(ev.latency_ns[ok]),
         "latency": latency_quantiles_us(ev.latency_ns[c]),
     }
-    rows = {"fault_same": dict(op="fault", vma="same"), "fault_other": dict(op="fault", vma="other"),
-            "mmap": dict(op="mmap"), "munmap": dict(op="munmap"), "dma": dict(op="dma")}
+    rows: dict[str, dict[str, Any]] = {
+        "fault_same": {"op": "fault", "vma": "same"}, "fault_other": {"op": "fault", "vma": "other"},
+        "mmap": {"op": "mmap"}, "munmap": {"op": "munmap"}, "dma": {"op": "dma"},
+    }
     for name, sel in rows.items():
         m = ev.select(**sel)
         if not m.any():
