@@ -31,6 +31,7 @@ from ptlab.core.layout import (
     BCAST_RING,
     COLLAPSING,
     CPU_ALIVE,
+    CPU_IN_ACCESS,
     CPU_IPI_ACK,
     CPU_IPI_END,
     CPU_IPI_FLAG,
@@ -207,6 +208,22 @@ class CpuContext:
         while not ctl.cas64(TLB_GEN, g - 1, g):  # publish in claim order
             self.interrupt_point()
             self.check_stop()
+        # the invalidation completes when no access through an old translation is in flight
+        # (the DSB after a TLBI): wait for each CPU's in-access flag, never for its cooperation
+        L = self.m.L
+        for c in range(self.nr_cpus):
+            if c != self.id:
+                while ctl.load32(L.cpu(c) + CPU_IN_ACCESS):
+                    if not self.irqs_off and ctl.load32(self.ipi_flag_off):
+                        self.service_ipi()
+
+    def access_begin(self) -> None:
+        """Broadcast mode: mark a load/store in flight (pairs with _broadcast's wait); the
+        xchg is a full barrier before the generation check that follows."""
+        self.ctl.xchg32(self.base + CPU_IN_ACCESS, 1)
+
+    def access_end(self) -> None:
+        self.ctl.store32(self.base + CPU_IN_ACCESS, 0)
 
     def _ipi_and_wait(self, start: int, end: int, targets: list[int]) -> None:
         if not targets:

@@ -51,10 +51,11 @@ VM_INUSE, VM_HUGEPAGE, VM_WRITE, VM_ORACLE = 1, 2, 4, 8
 # ---- CPU struct ----------------------------------------------------------------------------------
 # +0 pid, +8 ipi_req, +16 ipi_ack, +24 ipi_start, +32 ipi_end, +40 progress, +48 ipi_flag i32,
 # +52 state i32, +56 waiting-on lock id i32, +60 irq_off i32, +64 role i32, +68 alive i32,
-# +72 last progress ns
+# +72 in_access i32
 CPU_SIZE = 2 * LINE
 CPU_PID, CPU_IPI_REQ, CPU_IPI_ACK, CPU_IPI_START, CPU_IPI_END, CPU_PROGRESS = 0, 8, 16, 24, 32, 40
 CPU_IPI_FLAG, CPU_STATE, CPU_WAITING, CPU_IRQ_OFF, CPU_ROLE, CPU_ALIVE = 48, 52, 56, 60, 64, 68
+CPU_IN_ACCESS = 72  # i32: 1 from a TLB hit until the load/store through it has landed
 
 # CPU_STATE values (for the watchdog's dump)
 ST_RUN, ST_SPIN, ST_SLEEP, ST_IPI_WAIT, ST_DONE = 0, 1, 2, 3, 4

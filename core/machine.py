@@ -229,18 +229,20 @@ class Machine:
         finally:
             self.page_table_lock.unlock(cpu)
         if t >= self.L.nr_tables:
-            raise MemoryError("PTE table pool exhausted")
+            return -1  # like a failed pte_alloc_one(): the fault ends in VM_FAULT_OOM
         self.ptes[t * PTRS_PER_PTE : (t + 1) * PTRS_PER_PTE] = 0
         return t
 
     def pte_table_for(self, cpu: CpuContext, vpn: int) -> int:
         """__pte_alloc + pmd_install: the table mapping vpn, installing a new one if the PMD is
-        none (under the PMD lock; a racing installer wins and our table is given back)."""
+        none (under the PMD lock; a racing installer wins).  -1 when no table is left."""
         i = vpn >> 9
         pmd = self.pmdp_get(i)
         if pmd:
             return pmd >> 12
         t = self.alloc_pte_table(cpu)
+        if t < 0:
+            return -1
         self.pmd_lock.lock(cpu)
         try:
             if self.pmdp_get(i) == 0:
@@ -325,9 +327,12 @@ class Machine:
             cpu.violation("refcount_underflow", page=head, detail=f"folio {head} refcount went to {left}")
 
     def folio_add_new_anon_rmap(self, head: int, nr: int) -> None:
-        """A fresh folio mapped by nr PTEs (or one PMD): refcount and mapcount both nr."""
+        """A fresh folio (refcount 1 from the allocator) about to be mapped by nr >= 1 PTEs (or
+        one PMD): mapcount nr, and folio_ref_add(nr - 1) — an atomic add, so a GUP-fast grab
+        racing with the set_ptes() that follows is never overwritten."""
         self.folio.store32(self.off["mapcount"] + head * 4, nr)
-        self.folio.store32(self.off["refcount"] + head * 4, nr)
+        if nr > 1:
+            self.folio.fetch_add32(self.off["refcount"] + head * 4, nr - 1)
 
     def folio_test_set_flag(self, head: int, bit: int, on: bool) -> None:
         r, off = self.folio, self.off["flags"] + head * 4

@@ -96,21 +96,23 @@ def hw_walk(cpu: CpuContext, vpn: int, write: bool) -> int:
 
 def translate(cpu: CpuContext, vpn: int, write: bool) -> int:
     """TLB lookup, else walk, else page fault and retry (the access re-executes).  Returns the
-    pfn, or -1 on SIGSEGV."""
-    if cpu.broadcast:
-        cpu.check_broadcast()
-    e = cpu.tlb.get(vpn)
-    if e is not None and (e & 1 or not write):
-        return e >> 1
-    e = hw_walk(cpu, vpn, write)
-    while e < 0:
-        if handle_mm_fault(cpu, vpn, write) == "segv":
-            return -1
-        cpu.interrupt_point()
-        if cpu.broadcast:
+    pfn, or -1 on SIGSEGV.  In broadcast mode the caller's load/store is marked in flight from
+    the final TLB check until ``cpu.access_end()``."""
+    bcast = cpu.broadcast
+    while True:
+        if bcast:
+            cpu.access_begin()
             cpu.check_broadcast()
-        e = hw_walk(cpu, vpn, write)
-    return e >> 1
+        e = cpu.tlb.get(vpn)
+        if e is not None and (e & 1 or not write):
+            return e >> 1
+        if bcast:
+            cpu.access_end()
+        if hw_walk(cpu, vpn, write) >= 0:
+            continue  # filled: the access re-checks the TLB (and any invalidation since)
+        if handle_mm_fault(cpu, vpn, write) in ("segv", "fail"):
+            return -1  # SIGSEGV, or VM_FAULT_OOM: the access does not happen
+        cpu.interrupt_point()
 
 
 # ------------------------------------------------------------------------------ the access + oracle
@@ -127,23 +129,28 @@ class Oracle:
 
 
 def access_store(cpu: CpuContext, oracle: Oracle, vpn: int) -> bool:
-    """A store of this CPU's counter word on page vpn; returns False on SIGSEGV."""
+    """A store of this CPU's counter word on page vpn; returns False on SIGSEGV.
+
+    The zap epoch is read before the translation: MADV_DONTNEED bumps it only after its TLB
+    flush completed, so a store that went through a translation the zap was about to kill
+    always sees an epoch older than the bump (and its loss is accepted as legitimate)."""
     m = cpu.m
+    epoch = m.epoch(vpn)
     pfn = translate(cpu, vpn, True)
     if pfn < 0:
         return False
     off = pfn * m.page_size + cpu.id * 8
-    epoch = m.epoch(vpn)
     v = m.frames.load64(off)
-    prev = oracle.mine.get(vpn)
-    expect = prev[0] if prev else 0
-    if v != expect:
-        if not (v == 0 and prev is not None and m.epoch(vpn) != prev[1]):
-            kind = "wrong_page" if v and v >> VPN_SHIFT != vpn else "lost_write"
-            cpu.violation(kind, page=vpn, detail=f"CPU {cpu.id} expected {expect:#x} in its word, found {v:#x} (pfn {pfn})")
     oracle.seq += 1
     new = vpn << VPN_SHIFT | (oracle.seq & 0xFFFFFFFF)
     m.frames.store64(off, new)
+    if cpu.broadcast:
+        cpu.access_end()
+    prev = oracle.mine.get(vpn)
+    expect = prev[0] if prev else 0
+    if v != expect and not (v == 0 and prev is not None and m.epoch(vpn) != prev[1]):
+        kind = "wrong_page" if v and v >> VPN_SHIFT != vpn else "lost_write"
+        cpu.violation(kind, page=vpn, detail=f"CPU {cpu.id} expected {expect:#x} in its word, found {v:#x} (pfn {pfn})")
     oracle.mine[vpn] = (new, epoch)
     return True
 
@@ -151,11 +158,13 @@ def access_store(cpu: CpuContext, oracle: Oracle, vpn: int) -> bool:
 def access_load(cpu: CpuContext, oracle: Oracle, vpn: int, word: int) -> int:
     """A load of another CPU's word (or a DMA word) on page vpn; checks it never goes back."""
     m = cpu.m
+    epoch = m.epoch(vpn)
     pfn = translate(cpu, vpn, False)
     if pfn < 0:
         return -1
-    epoch = m.epoch(vpn)
     w = m.frames.load64(pfn * m.page_size + word * 8)
+    if cpu.broadcast:
+        cpu.access_end()
     key = (vpn, word)
     last = oracle.seen.get(key)
     if w and w >> VPN_SHIFT != vpn:
@@ -197,6 +206,8 @@ def __handle_mm_fault(cpu: CpuContext, vma: int, vpn: int, write: bool) -> str:
     pmd = m.pmdp_get(i)
     if pmd == 0:
         t = m.pte_table_for(cpu, vpn)  # __pte_alloc(); pmd_install() under the PMD lock
+        if t < 0:
+            return "fail"  # VM_FAULT_OOM
         pmd = pmd_mk_table(t)
     elif pmd_trans_huge(pmd):
         return "spurious"  # huge_pmd_set_accessed(): the walk refills the TLB
@@ -424,16 +435,20 @@ def zap_range(cpu: CpuContext, start: int, nr: int, lock_mm: bool = True) -> int
                 return 0
             for j in range(nr):
                 old = m.ptep_get_and_clear(t, first + j)
-                m.bump_epoch(start + j)
                 if old & _PRESENT:
                     puts.append(old >> 12)
                 # a migration entry holds no mapping of its own: clearing it is enough
             if puts:
                 cpu.flush_tlb_range(start, start + nr)  # before any page can be freed
+            for j in range(nr):  # the oracle's "contents dropped on purpose" mark, after the flush
+                m.bump_epoch(start + j)
         finally:
             ptl.unlock(cpu)
         for pfn in puts:  # folio_remove_rmap_pte() + the mmu_gather's folio_put()
             head = m.folio_head(pfn)
+            if head < 0:
+                cpu.violation("pte_maps_free_frame", page=start, detail=f"zap found a PTE mapping free frame {pfn}")
+                continue
             m.folio_mapcount_add(head, -1)
             m.folio_put(cpu, head)
         zapped = len(puts)

@@ -111,6 +111,7 @@ class Role:
         v1 = self.m.vma_range(VMA_OTHER)
         self.vma0 = (v0[0], v0[1] - v0[0])
         self.vma1 = (v1[0], v1[1] - v1[0])
+        self.pick0 = make_pattern(self.config.workload, self.vma0[1], rng, self.config.seed)
 
     def step(self) -> None:
         raise NotImplementedError
@@ -125,7 +126,7 @@ class Role:
     def zap(self) -> None:
         cpu, cfg = self.cpu, self.config
         n = cfg.zap_pages
-        start = self.vma0[0] + (self.rng.randrange(self.vma0[1]) // n) * n
+        start = self.vma0[0] + (self.pick0() // n) * n
         begin = cpu.op_begin()
         zap_range(cpu, start, n)
         cpu.op_end(begin, "zap", "ok", start, vma=VMA_COLLAPSE)
@@ -136,8 +137,7 @@ class App(Role):
 
     def __init__(self, cpu: CpuContext, rng: random.Random) -> None:
         super().__init__(cpu, rng)
-        self.pick0 = make_pattern(self.config.workload, self.vma0[1], rng)
-        self.pick1 = make_pattern(self.config.workload, self.vma1[1], rng)
+        self.pick1 = make_pattern(self.config.workload, self.vma1[1], rng, self.config.seed + 1)
         self.n = 0
         self.others = [c for c in range(self.config.nr_cpus) if c != cpu.id]
         self.sample = cpu.sample
@@ -179,7 +179,8 @@ class Gup(Role):
 
     def step(self) -> None:
         cpu, m = self.cpu, self.m
-        vpn = self.vma0[0] + self.rng.randrange(self.vma0[1])
+        vpn = self.vma0[0] + self.pick0()
+        epoch = m.epoch(vpn)  # before the pin: a zap after it unmaps the pinned page legitimately
         head = pfn = -1
         if self.fast:
             begin = cpu.op_begin()
@@ -193,7 +194,6 @@ class Gup(Role):
             return
         self.held = head
         begin = cpu.op_begin()
-        epoch = m.epoch(vpn)
         off = m.page_word_off(pfn, self.word)
         last = self.oracle.dma.get(vpn)
         v = m.frames.load64(off)
@@ -214,12 +214,15 @@ class Gup(Role):
         self.oracle.dma[vpn] = (v, epoch)
         cpu.op_end(begin, "dma", "ok", vpn, vma=VMA_COLLAPSE)
         # after unpin the device's last write must be visible through the page table
+        epoch2 = m.epoch(vpn)
         pfn2 = translate(cpu, vpn, False)
         if pfn2 >= 0:
             seen = m.frames.load64(m.page_word_off(pfn2, self.word))
+            if cpu.broadcast:
+                cpu.access_end()
             if seen != v and m.epoch(vpn) == epoch:
                 cpu.violation("lost_dma_write", page=vpn, detail=f"DMA write {v:#x} by CPU {cpu.id} not visible after unpin (found {seen:#x} in pfn {pfn2}, pinned pfn {pfn})")
-            self.oracle.dma[vpn] = (seen if m.epoch(vpn) != epoch else v, m.epoch(vpn))
+            self.oracle.dma[vpn] = (seen, epoch2)
 
     def finish(self) -> None:
         if self.held >= 0:
@@ -245,7 +248,8 @@ class Mmap(Role):
         cpu.op_end(begin, "mmap", "ok", -1)
         start, _ = churn_slot_range(m, self.slot)
         for k in range(4):
-            translate(cpu, start + k, True)
+            if translate(cpu, start + k, True) >= 0 and cpu.broadcast:
+                cpu.access_end()
         begin = cpu.op_begin()
         do_mprotect(cpu, self.slot)
         cpu.op_end(begin, "mprotect", "ok", start)

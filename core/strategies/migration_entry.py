@@ -93,20 +93,18 @@ def collapse(c: Collapse) -> str:
         c.phase("install")
         ptl.lock(cpu)  # remove_migration_ptes(src, dst): under the PTL, only our own entries
         try:
-            installed = 0
-            new = c.new_ptes()
-            for j, e in enumerate(entries):
-                if e and m.ptep_get(c.t, c.first + j) == e:
+            # an entry zapped during the copy stays none; a hole refilled by a fault stays
+            # the fault's; everything else gets the new folio's page
+            slots = [j for j, e in enumerate(entries) if m.ptep_get(c.t, c.first + j) == e]
+            if slots:
+                m.folio_add_new_anon_rmap(c.target, len(slots))  # before the PTEs are visible
+                new = c.new_ptes()
+                for j in slots:
                     m.set_pte_at(c.t, c.first + j, new[j])
-                    installed += 1
-                elif e == 0 and m.ptep_get(c.t, c.first + j) == 0:
-                    m.set_pte_at(c.t, c.first + j, new[j])  # a hole, filled like max_ptes_none
-                    installed += 1
-            m.folio_add_new_anon_rmap(c.target, installed)
-            if installed == 0:
-                m.folio_put(cpu, c.target)  # nothing left to map (all zapped meanwhile)
         finally:
             ptl.unlock(cpu)
+        if not slots:
+            m.folio_put(cpu, c.target)  # nothing left to map
         c.target = -1
         # folio_unlock() of every old folio wakes the sleepers; the isolation refs go
         for head in c.heads:
