@@ -36,7 +36,7 @@ START_TIMEOUT_S = 120.0
 def _cpu_actor_class() -> Any:
     import ray
 
-    @ray.remote(num_cpus=1, max_restarts=0)
+    @ray.remote(max_restarts=0)
     class CpuActor:
         """One simulated CPU: a process of its own, attached to the machine's segments."""
 
@@ -92,12 +92,14 @@ def run_cell(
         m.populate(driver, VMA_COLLAPSE)
         m.populate(driver, VMA_OTHER)
         say("starting CPUs", 0.05)
+        # one Ray CPU per simulated CPU; oversubscribed runs share the node's CPUs (recorded)
+        share = 1.0 if placement_group is not None else min(1.0, _node_cpus(ray, node_id) / n)
         for i in range(n):
             if placement_group is not None:
                 strat = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
             else:
                 strat = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-            actors.append(CpuActor.options(scheduling_strategy=strat, name=None).remote())
+            actors.append(CpuActor.options(scheduling_strategy=strat, num_cpus=share).remote())
         refs = [
             a.run.remote(m.prefix, config.to_dict(), i, roles[i], config.seed, (i % host_cores) if pin else None)
             for i, a in enumerate(actors)
@@ -152,6 +154,13 @@ def run_cell(
     return write_run(Path(out_dir) / f"{run_id}.arrow", cols, meta)
 
 
+def _node_cpus(ray: Any, node_id: str) -> float:
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("Alive"):
+            return float(node.get("Resources", {}).get("CPU", 1.0)) or 1.0
+    return 1.0
+
+
 def _raise_dead(ray: Any, done: list[Any], ref_cpu: dict[Any, int], roles: list[str], m: Machine) -> None:
     for r in done:
         cpu = ref_cpu[r]
@@ -159,8 +168,9 @@ def _raise_dead(ray: Any, done: list[Any], ref_cpu: dict[Any, int], roles: list[
             ray.get(r)
         except Exception as e:  # RayActorError and friends
             m.ctl.cas32(STOP, 0, STOP_FAILED)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {first}") from None
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            why = lines[-1] if lines else type(e).__name__
+            raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {why}") from None
 
 
 def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], roles: list[str], config: RunConfig, t0: int, total_s: float, say: Callable[[str, float], None]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

@@ -20,8 +20,11 @@ class Workload(str, Enum):
     ZIPF = "zipf"
 
 
-def make_pattern(name: str, npages: int, rng: random.Random) -> Callable[[], int]:
-    """A page picker for workload ``name``.  Raises ConfigError for an unknown name."""
+def make_pattern(name: str, npages: int, rng: random.Random, run_seed: int = 0) -> Callable[[], int]:
+    """A page picker for workload ``name``.  The hot set and the zipf ranking come from the
+    run's seed, so every CPU of a run (app, GUP, zap) shares them: pins, holes and collapses
+    meet in the same place.  Raises ConfigError for an unknown name."""
+    shared = random.Random(run_seed * 7919 + npages)
     if name == Workload.SEQUENTIAL:
         pos = [rng.randrange(npages)]
 
@@ -34,7 +37,7 @@ def make_pattern(name: str, npages: int, rng: random.Random) -> Callable[[], int
         return lambda: rng.randrange(npages)
     if name == Workload.HOTSET:
         hot = max(1, npages // 10)
-        base = rng.randrange(npages)
+        base = shared.randrange(npages)
 
         def hotset() -> int:  # 90 % of accesses to a 10 % window
             if rng.random() < 0.9:
@@ -45,7 +48,7 @@ def make_pattern(name: str, npages: int, rng: random.Random) -> Callable[[], int
     if name == Workload.ZIPF:
         weights = [1.0 / (k + 1) for k in range(npages)]
         order = list(range(npages))
-        rng.shuffle(order)
+        shared.shuffle(order)
         cum = []
         acc = 0.0
         for w in weights:
