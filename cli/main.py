@@ -27,7 +27,7 @@ def _register() -> None:
     from ptlab.cli import commands_run
 
     commands_run.register(app)
-    for name in ("commands_results", "commands_kernel", "commands_sweep"):
+    for name in ("commands_calibrate", "commands_results", "commands_sweep", "commands_kernel"):
         try:
             module = __import__(f"ptlab.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:
@@ -53,13 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # typer.Exit inside commands
         return int(e.code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:
+        # usage errors from typer's (vendored) click: one line, exit 2
+        names = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in names:
+            msg = e.format_message() if hasattr(e, "format_message") else str(e)
+            hint = ""
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                hint = f" (see `{ctx.command_path} --help`)"
+            print(f"ptlab: error: {msg}{hint}", file=sys.stderr)
             return 2
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in names:
             print("ptlab: interrupted", file=sys.stderr)
             return 130
         raise

@@ -29,6 +29,7 @@ from ptlab.core.events import OP, RESULT, ROLE, WAIT, Recorder, pack
 from ptlab.core.layout import (
     BCAST,
     BCAST_RING,
+    COLLAPSE_PHASE,
     COLLAPSING,
     CPU_ALIVE,
     CPU_IN_ACCESS,
@@ -360,6 +361,15 @@ class CpuContext:
 
     # ------------------------------------------------------------------ oracle + chaos
     def violation(self, kind: str, page: int = -1, detail: str = "", phase: str | None = None) -> None:
+        """Record a violation with the phase of the collapse in flight when it was detected
+        (this CPU's own phase when it is the collapser, else the published one, or "none")."""
+        if phase is None:
+            phase = self.phase
+        if not phase:
+            from ptlab.core.khugepaged import PHASES
+
+            code = self.ctl.load32(COLLAPSE_PHASE)
+            phase = PHASES[code - 1] if code > 0 else "none"
         if len(self.violations) < 200:
             self.violations.append(
                 {
@@ -368,7 +378,7 @@ class CpuContext:
                     "role": self.role,
                     "page": page,
                     "strategy": self.strategy,
-                    "phase": phase if phase is not None else self.phase,
+                    "phase": phase,
                     "t_ns": now_ns(),
                     "detail": detail,
                 }

@@ -21,6 +21,7 @@ from ptlab.core._prims import now_ns
 from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE
 from ptlab.core.cpu import CpuContext
 from ptlab.core.layout import (
+    COLLAPSE_PHASE,
     COLLAPSING,
     PG_ISOLATED,
     PG_LOCKED,
@@ -76,6 +77,8 @@ class Collapse:
             self.phase_ns[self._phase] += now - self._t
         self._phase, self._t = name, now
         self.cpu.phase = name
+        # published so that a CPU detecting a violation can say what the collapse was doing
+        self.cpu.ctl.store32(COLLAPSE_PHASE, PHASES.index(name) + 1 if name else 0)
 
     def end_phases(self) -> None:
         self.phase("")

@@ -31,6 +31,7 @@ MM_LOCK_SEQ = 24  # i64: bumped by mmap_write_unlock, ending every VMA write loc
 TLB_GEN = 32  # i64: broadcast-invalidation generation
 T0 = 40  # i64: start-gate time (monotonic ns)
 NEXT_TABLE = 48  # i32: PTE-table pool allocation cursor (under page_table_lock)
+COLLAPSE_PHASE = 108  # i32: phase of the collapse in flight (index into PHASES + 1), 0 none
 BCAST = 128  # BCAST_RING x (start, end) i64 pairs
 HEADER_END = BCAST + BCAST_RING * 16
 
