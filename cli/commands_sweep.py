@@ -28,31 +28,224 @@ def register(app: typer.Typer) -> None:
 
 
 def sweep(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML sweep file (see docs/cluster.md).", show_default=False)] = None,
-    strategy: Annotated[list[str] | None, typer.Option("--strategy", "-s", help=f"Strategies: pmd-clear, ptl-hold, migration-entry [default: all three]. {_LIST}", show_default=False)] = None,
-    order: Annotated[list[str] | None, typer.Option("--order", help="Collapse orders 2..9 (9 = PMD THP); ranges like 4-9 work. [default: 9]", show_default=False)] = None,
-    app_cpus: Annotated[list[str] | None, typer.Option("--app", help="Simulated CPUs running the app role; each value is an axis point [default: 1].", show_default=False)] = None,
-    gup_fast: Annotated[list[str] | None, typer.Option("--gup-fast", help="CPUs running GUP-fast pins [default: 0].", show_default=False)] = None,
-    gup_slow: Annotated[list[str] | None, typer.Option("--gup-slow", help="CPUs running GUP-slow [default: 0].", show_default=False)] = None,
-    mmap_cpus: Annotated[list[str] | None, typer.Option("--mmap", help="CPUs running mmap()/munmap() churn [default: 0].", show_default=False)] = None,
-    zap: Annotated[list[str] | None, typer.Option("--zap", help="CPUs running MADV_DONTNEED [default: 0].", show_default=False)] = None,
-    khugepaged: Annotated[list[str] | None, typer.Option("--khugepaged", help="CPUs running khugepaged [default: 1].", show_default=False)] = None,
-    workload: Annotated[list[str] | None, typer.Option("--workload", "-w", help="Access patterns [default: random].", show_default=False)] = None,
-    flush: Annotated[list[str] | None, typer.Option("--flush", help="TLB flush modes: ipi, broadcast [default: ipi].", show_default=False)] = None,
-    ptl: Annotated[list[str] | None, typer.Option("--ptl", help="PTL granularity: split, mm [default: split].", show_default=False)] = None,
-    vma_locks: Annotated[list[str] | None, typer.Option("--vma-locks", help="Per-VMA locks: on, off [default: on].", show_default=False)] = None,
-    seed: Annotated[list[str] | None, typer.Option("--seed", help="Base seeds [default: 0].", show_default=False)] = None,
-    repeats: Annotated[int | None, typer.Option("--repeats", "-r", help="Runs of each grid point, each with its own seed [default: 1].", show_default=False)] = None,
-    duration: Annotated[float | None, typer.Option("--duration", "-d", help="Seconds each cell measures [default: 3].", show_default=False)] = None,
-    warmup: Annotated[float | None, typer.Option("--warmup", help="Seconds of warm-up per cell [default: 0.3].", show_default=False)] = None,
-    set_params: Annotated[list[str] | None, typer.Option("--set", help="Any other run parameter, KEY=VALUE (e.g. --set nr_pmds=8).", show_default=False)] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Join a running Ray cluster: auto, or HEAD_IP:PORT. Without it Ray starts embedded on 127.0.0.2.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Results directory [default: results/sweeps/<sweep-id>].", show_default=False)] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the sweep in this directory: finished cells are skipped.", show_default=False)] = None,
-    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries of a failing cell (a lost node does not count).")] = 3,
-    node_wait: Annotated[float | None, typer.Option("--node-wait", help="Seconds a cell that fits no node waits for one to join [default: 0 embedded, 300 with --address].", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Run the plumbing only: each cell sleeps for its duration and writes synthetic events.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live view (on a terminal).")] = True,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="TOML sweep file (see docs/cluster.md).",
+            show_default=False,
+        ),
+    ] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy",
+            "-s",
+            metavar="NAMES",
+            help=f"Strategies: pmd-clear, ptl-hold, migration-entry (default: all three). {_LIST}",
+            show_default=False,
+        ),
+    ] = None,
+    order: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--order",
+            metavar="ORDERS",
+            help="Collapse orders 2..9 (9 = PMD THP); ranges like 4-9 work. (default: 9)",
+            show_default=False,
+        ),
+    ] = None,
+    app_cpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--app",
+            metavar="COUNTS",
+            help="Simulated CPUs running the app role; each value is an axis point (default: 1).",
+            show_default=False,
+        ),
+    ] = None,
+    gup_fast: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gup-fast",
+            metavar="COUNTS",
+            help="CPUs running GUP-fast pins (default: 0).",
+            show_default=False,
+        ),
+    ] = None,
+    gup_slow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gup-slow",
+            metavar="COUNTS",
+            help="CPUs running GUP-slow (default: 0).",
+            show_default=False,
+        ),
+    ] = None,
+    mmap_cpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mmap",
+            metavar="COUNTS",
+            help="CPUs running mmap()/munmap() churn (default: 0).",
+            show_default=False,
+        ),
+    ] = None,
+    zap: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--zap",
+            metavar="COUNTS",
+            help="CPUs running MADV_DONTNEED (default: 0).",
+            show_default=False,
+        ),
+    ] = None,
+    khugepaged: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--khugepaged",
+            metavar="COUNTS",
+            help="CPUs running khugepaged (default: 1).",
+            show_default=False,
+        ),
+    ] = None,
+    workload: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workload",
+            "-w",
+            metavar="NAMES",
+            help="Access patterns (default: random).",
+            show_default=False,
+        ),
+    ] = None,
+    flush: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--flush",
+            metavar="MODES",
+            help="TLB flush modes: ipi, broadcast (default: ipi).",
+            show_default=False,
+        ),
+    ] = None,
+    ptl: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ptl",
+            metavar="MODES",
+            help="PTL granularity: split, mm (default: split).",
+            show_default=False,
+        ),
+    ] = None,
+    vma_locks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--vma-locks",
+            metavar="ON|OFF",
+            help="Per-VMA locks: on, off (default: on).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--seed", metavar="SEEDS", help="Base seeds (default: 0).", show_default=False
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            "--repeats",
+            "-r",
+            metavar="N",
+            help="Runs of each grid point, each with its own seed (default: 1).",
+            show_default=False,
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            "--duration",
+            "-d",
+            metavar="SECONDS",
+            help="Seconds each cell measures (default: 3).",
+            show_default=False,
+        ),
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option(
+            "--warmup",
+            metavar="SECONDS",
+            help="Seconds of warm-up per cell (default: 0.3).",
+            show_default=False,
+        ),
+    ] = None,
+    set_params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Any other run parameter, KEY=VALUE (e.g. --set nr_pmds=8).",
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            metavar="auto|HOST:PORT",
+            help="Join a running Ray cluster: auto, or HEAD_IP:PORT. Without it Ray starts embedded on 127.0.0.2.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Results directory (default: results/sweeps/<sweep-id>).",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="DIR",
+            help="Continue the sweep in this directory: finished cells are skipped.",
+            show_default=False,
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            metavar="N",
+            help="Tries of a failing cell (a lost node does not count).",
+        ),
+    ] = 3,
+    node_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--node-wait",
+            metavar="SECONDS",
+            help="Seconds a cell that fits no node waits for one to join (default: 0 embedded, 300 with --address).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Run the plumbing only: each cell sleeps for its duration and writes synthetic events.",
+        ),
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Live view (on a terminal).")
+    ] = True,
 ) -> None:
     """Run a grid of runs across a Ray cluster: one node per cell, one Arrow file per cell
     plus a merged dataset partitioned by strategy, and a manifest (resumable)."""
@@ -165,9 +358,13 @@ def _sweep(
     from ptlab.cluster.sweep import MANIFEST, SweepInterrupted, connect, default_sweep_id, run_sweep
 
     if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
-        raise ConfigError("--resume DIR continues the sweep in DIR; leave out --out (or give the same DIR)")
+        raise ConfigError(
+            "--resume DIR continues the sweep in DIR; leave out --out (or give the same DIR)"
+        )
     if resume is not None and not (Path(resume) / MANIFEST).exists():
-        raise ConfigError(f"{resume}: no sweep here (no {MANIFEST}); check the directory given to --resume")
+        raise ConfigError(
+            f"{resume}: no sweep here (no {MANIFEST}); check the directory given to --resume"
+        )
     spec = build_spec(
         config=config, resume=resume, strategy=strategy, order=order, roles=roles,
         workload=workload, flush=flush, ptl=ptl, vma_locks=vma_locks, seed=seed,
@@ -181,7 +378,9 @@ def _sweep(
     else:
         out_dir = out if out is not None else Path("results") / "sweeps" / default_sweep_id(cells)
         if (out_dir / MANIFEST).exists():
-            raise ConfigError(f"{out_dir} already holds a sweep; continue it with --resume {out_dir} or choose another --out")
+            raise ConfigError(
+                f"{out_dir} already holds a sweep; continue it with --resume {out_dir} or choose another --out"
+            )
     if address is None:
         import os
 
@@ -241,7 +440,9 @@ def _summary(report: Any) -> None:
         f"in {report.elapsed_s:.1f} s"
     )
     print(f"  cells:    {report.out_dir / 'cells'}/<cell-id>.arrow")
-    print(f"  merged:   {report.merged_dir}  (pyarrow.dataset, format='arrow', partitioning='hive')")
+    print(
+        f"  merged:   {report.merged_dir}  (pyarrow.dataset, format='arrow', partitioning='hive')"
+    )
     print(f"  manifest: {report.manifest}")
 
 

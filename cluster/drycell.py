@@ -132,9 +132,13 @@ def _start_actors(n: int, placement_group: Any) -> list[Any]:
     handles = []
     for i in range(n):
         if placement_group is not None:
-            strategy: Any = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
+            strategy: Any = PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=i
+            )
         else:
-            strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            strategy = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
         handles.append(_DryCpu.options(scheduling_strategy=strategy).remote())
     return handles
 

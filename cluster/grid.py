@@ -161,7 +161,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
     """
     if spec.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1 (got {spec.repeats})")
-    axes = {
+    axes: dict[str, tuple[Any, ...]] = {
         "strategies": spec.strategies,
         "orders": spec.orders,
         "cpus": spec.cpus,
@@ -364,7 +364,7 @@ def spec_from_mapping(doc: Mapping[str, Any], where: str = "sweep") -> SweepSpec
             did = f"; did you mean {(alias or hint[0])!r}?" if (alias or hint) else ""
             raise ConfigError(f"{where}: unknown key {key!r}{did} (keys: {', '.join(TOML_KEYS)})")
     kw: dict[str, Any] = {}
-    for key, param in TOML_AXES.items():
+    for key in TOML_AXES:
         if key not in doc:
             continue
         value = doc[key]

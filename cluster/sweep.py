@@ -198,10 +198,9 @@ def connect(
 
     if ray.is_initialized():
         return False
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # an embedded cluster on loopback: every Ray process of it inherits this
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -211,7 +210,8 @@ def connect(
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 object_store_memory=object_store_mb * 2**20,
                 include_dashboard=False,
-                **quiet,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
             )
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -235,7 +235,9 @@ def _default_cell_fn() -> CellFn:
     return run_cell
 
 
-def _run_cell_task(cell_fn: CellFn | None, params: dict[str, Any], cell_id: str, pg: Any) -> tuple[dict[str, Any], bytes]:
+def _run_cell_task(
+    cell_fn: CellFn | None, params: dict[str, Any], cell_id: str, pg: Any
+) -> tuple[dict[str, Any], bytes]:
     """Body of the cell task (runs on the cell's node): run the cell into a private temp dir
     and return (info, the result file's bytes)."""
     import ray
@@ -262,7 +264,9 @@ def _cell_task() -> Any:
     if _cell_task_remote is None:
         import ray
 
-        _cell_task_remote = ray.remote(num_cpus=0, max_retries=0, retry_exceptions=False)(_run_cell_task)
+        _cell_task_remote = ray.remote(num_cpus=0, max_retries=0, retry_exceptions=False)(
+            _run_cell_task
+        )
     return _cell_task_remote
 
 
@@ -350,7 +354,9 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{out_dir}: no sweep here (no {MANIFEST}); check the directory given to --resume") from None
+        raise ConfigError(
+            f"{out_dir}: no sweep here (no {MANIFEST}); check the directory given to --resume"
+        ) from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable sweep manifest ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("cells"), dict):
@@ -418,12 +424,15 @@ class _Driver:
                 self.records[c.cell_id] = CellRecord.for_cell(c)
         self.queue: collections.deque[CellRecord] = collections.deque()
         self.flights: dict[Any, _Flight] = {}
-        # placement groups whose cell finished, by size: reused for the next cell of that size
-        self.pool: dict[int, list[Any]] = collections.defaultdict(list)
+        # placement groups whose cell finished, by size, with their node: reused for the next
+        # cell of that size (no new placement); dropped when their node dies
+        self.pool: dict[int, list[tuple[Any, str]]] = collections.defaultdict(list)
         self.nodes: dict[str, dict[str, Any]] = {}
         self.skipped = 0
         self.retries = 0
-        self._tries: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._tries: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
         self.t0 = time.time()
         self._last_manifest = 0.0
         self._last_nodes = 0.0
@@ -434,7 +443,6 @@ class _Driver:
 
     def _prepare(self) -> None:
         """Mark cells whose result file exists done; queue the others."""
-        (self.out_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
         for cid in self.grid_ids:
             rec = self.records[cid]
             path = self._cell_path(cid)
@@ -470,6 +478,10 @@ class _Driver:
         self._prepare()
         self._refresh_nodes()
         self._check_fit()
+        try:
+            (self.out_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResultFileError(f"cannot write results to {self.out_dir}: {e.strerror}") from None
         self._write_manifest("running")
         interrupted = False
         try:
@@ -489,15 +501,19 @@ class _Driver:
         while self.queue or self.flights:
             self._fill()
             refs = list(self.flights)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self.poll_s)
-            if ready:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            for ref in ready:
-                self._collect(ref)
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=self.poll_s)
+                if ready:
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                for ref in ready:
+                    self._collect(ref)
+            else:
+                time.sleep(self.poll_s)
             self._poll_placements()
             now = time.time()
             if now - self._last_nodes >= 1.0:
                 self._refresh_nodes()
+                self._release_pool(dead_only=True)
                 self._fail_unplaceable()
             self._publish()
             if self._dirty and now - self._last_manifest >= 1.0:
@@ -515,7 +531,7 @@ class _Driver:
             idle = self.pool.get(rec.nr_cpus)
             if idle:
                 self.queue.popleft()
-                self._submit(rec, idle.pop())
+                self._submit(rec, idle.pop()[0])
                 continue
             if self.flights or self._pooled_cpus():
                 if self._reserved_cpus() + rec.nr_cpus > self._window_cpus():
@@ -537,13 +553,18 @@ class _Driver:
     def _release_one(self) -> None:
         for pgs in self.pool.values():
             if pgs:
-                self._remove_pg(pgs.pop())
+                self._remove_pg(pgs.pop()[0])
                 return
 
-    def _release_pool(self) -> None:
+    def _release_pool(self, dead_only: bool = False) -> None:
         for pgs in self.pool.values():
-            while pgs:
-                self._remove_pg(pgs.pop())
+            keep = []
+            for pg, node_id in pgs:
+                if dead_only and self.nodes.get(node_id, {}).get("alive", True):
+                    keep.append((pg, node_id))
+                else:
+                    self._remove_pg(pg)
+            pgs[:] = keep
 
     def _submit(self, rec: CellRecord, pg: Any) -> None:
         from ray.util.placement_group import placement_group
@@ -609,7 +630,7 @@ class _Driver:
             self._attempt_failed(rec, e)
             return
         # the cores are free again: start the next cell in them before writing this result
-        self.pool[rec.nr_cpus].append(flight.pg)
+        self.pool[rec.nr_cpus].append((flight.pg, info["node_id"]))
         self._fill()
         if not flight.placed or rec.placed_at > info["started_at"]:
             # placement is polled: the cell's own start time bounds it more tightly
@@ -815,9 +836,7 @@ class _Driver:
             "counts": self._counts(),
             "skipped": self.skipped,
             "nodes": self.nodes,
-            "cells": {
-                cid: asdict(r) | {"in_grid": cid in grid} for cid, r in self.records.items()
-            },
+            "cells": {cid: asdict(r) | {"in_grid": cid in grid} for cid, r in self.records.items()},
             "shm_cleanup": self._shm_removed,
         }
         text = json.dumps(doc, indent=1, sort_keys=False)
@@ -839,7 +858,9 @@ class _Driver:
             c = per.get(nid, collections.Counter())
             if not n["alive"] and not c:
                 continue
-            nodes.append(NodeProgress(nid, n["ip"], n["cpus"], n["alive"], c[RUNNING], c[DONE], c[FAILED]))
+            nodes.append(
+                NodeProgress(nid, n["ip"], n["cpus"], n["alive"], c[RUNNING], c[DONE], c[FAILED])
+            )
         counts = self._counts()
         return Progress(
             sweep_id=self.sweep_id,
@@ -931,8 +952,11 @@ def _atomic_bytes(path: Path, data: bytes, check: Callable[[Path], Any] | None =
     """Write ``data`` so that ``path`` appears whole or not at all (temp file in the same
     directory, fsync, rename).  ``check(temp_path)`` runs before the rename; what it returns is
     returned, and if it raises, nothing is renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ResultFileError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -941,9 +965,11 @@ def _atomic_bytes(path: Path, data: bytes, check: Callable[[Path], Any] | None =
         result = check(Path(tmp)) if check else None
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ResultFileError(f"cannot write {path}: {e.strerror}") from None
         raise
     return result
 

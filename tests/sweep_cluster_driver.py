@@ -46,7 +46,9 @@ def merged_cells(out: Path) -> dict[str, list[int]]:
     seen: dict[str, list[int]] = {}
     for part in sorted((out / "merged").rglob("part-*.arrow")):
         seen.setdefault(part.stem.removeprefix("part-"), [0, 0])[0] += 1
-    table = ds.dataset(out / "merged", format="arrow", partitioning="hive").to_table(columns=["cell_id"])
+    table = ds.dataset(out / "merged", format="arrow", partitioning="hive").to_table(
+        columns=["cell_id"]
+    )
     counts = table.unify_dictionaries().group_by("cell_id").aggregate([("cell_id", "count")])
     for row in counts.to_pylist():
         seen.setdefault(row["cell_id"], [0, 0])[1] += row["cell_id_count"]
@@ -58,10 +60,16 @@ def main(out_root: str) -> None:
     t0 = time.time()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.2", "object_store_memory": 100 * MiB,
-                        "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.2",
+            "object_store_memory": 100 * MiB,
+            "include_dashboard": False,
+        },
     )
-    second = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.3", object_store_memory=100 * MiB)
+    second = cluster.add_node(
+        num_cpus=1, node_ip_address="127.0.0.3", object_store_memory=100 * MiB
+    )
     ray.init(address=cluster.address, log_to_driver=False)
     head_id = ray.get_runtime_context().get_node_id()
     nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -72,7 +80,9 @@ def main(out_root: str) -> None:
     try:
         # 1. cells land on both nodes; each cell's CPU actors run where the cell does
         t = time.time()
-        spec = SweepSpec(strategies=("pmd-clear", "ptl-hold"), orders=(4, 9), cpus=one_cpu, base=base)
+        spec = SweepSpec(
+            strategies=("pmd-clear", "ptl-hold"), orders=(4, 9), cpus=one_cpu, base=base
+        )
         out = out_root_p / "spread"
         rep = run_sweep(spec, out, cell_fn=functools.partial(dry_cell, actors=True))
         report["spread"] = {

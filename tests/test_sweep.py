@@ -41,21 +41,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cli(args: list[str], cwd: Path | None = None) -> tuple[int, str, str]:
+def _cli(args: list[str]) -> tuple[int, str, str]:
     """``ptlab sweep …`` in-process (only for inputs rejected before Ray starts)."""
     from typer.testing import CliRunner
 
-    sys.path.insert(0, str(TESTS))
-    try:
-        import sweep_cli
-    finally:
-        sys.path.remove(str(TESTS))
-    runner = CliRunner()
-    result = runner.invoke(_app(sweep_cli), args, catch_exceptions=False)
+    result = CliRunner().invoke(_app(), args, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 
-def _app(sweep_cli):  # the sweep command alone, as the console script registers it
+def _app():  # the sweep command alone, registered as ptlab.cli.main registers it
     import typer
 
     from ptlab.cli import commands_sweep
@@ -136,7 +130,9 @@ def test_bad_grid_is_one_line_exit_2(tmp_path, args, toml, message):
         (tmp_path / "sweep.toml").write_text(toml)
     args = [a.format(dir=tmp_path) for a in args]
     t = time.monotonic()
-    code, out, err = _cli(["sweep", *args, "--out", str(tmp_path / "out")])
+    if "--resume" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code, out, err = _cli(["sweep", *args])
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ptlab: error: "), err
@@ -172,7 +168,11 @@ def test_shm_cleanup_removes_dead_and_sweep_entries_only(tmp_path):
 
 
 def _merged(out: Path):
-    return ds.dataset(out / "merged", format="arrow", partitioning="hive").to_table().unify_dictionaries()
+    return (
+        ds.dataset(out / "merged", format="arrow", partitioning="hive")
+        .to_table()
+        .unify_dictionaries()
+    )
 
 
 def test_sweep_writes_cells_merged_and_manifest(ray_local, tmp_path):
@@ -191,7 +191,12 @@ def test_sweep_writes_cells_merged_and_manifest(ray_local, tmp_path):
     per = {(r["strategy"], r["cell_order"]): r["count"] for r in
            table.group_by(["strategy", "cell_order"]).aggregate([([], "count_all")])
            .rename_columns(["strategy", "cell_order", "count"]).to_pylist()}  # fmt: skip
-    assert per == {("pmd-clear", 4): 50, ("pmd-clear", 9): 50, ("ptl-hold", 4): 50, ("ptl-hold", 9): 50}
+    assert per == {
+        ("pmd-clear", 4): 50,
+        ("pmd-clear", 9): 50,
+        ("ptl-hold", 4): 50,
+        ("ptl-hold", 9): 50,
+    }
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert {c["status"] for c in manifest["cells"].values()} == {"done"}
@@ -217,6 +222,21 @@ def test_failed_and_crashed_cells_are_retried(ray_local, tmp_path):
     assert report.status == "failed" and report.failed == 2
     assert all("injected failure" in c.error for c in report.cells)
     assert not list((tmp_path / "c" / "cells").glob("*.arrow"))
+
+
+def _bad_config_cell(config, out_dir, *, run_id=None, placement_group=None):
+    raise ConfigError("this cell cannot run here")
+
+
+def test_configuration_error_in_a_cell_is_not_retried(ray_local, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    spec = SweepSpec(strategies=("ptl-hold",), orders=(9,), cpus=ONE_CPU, base=FAST)
+    report = run_sweep(spec, tmp_path / "x", cell_fn=_bad_config_cell)
+    (cell,) = report.cells
+    assert report.status == "failed" and cell.attempts == 1
+    assert cell.error == "ConfigError: this cell cannot run here"
 
 
 def test_resume_runs_only_missing_cells(ray_local, tmp_path):
@@ -277,23 +297,38 @@ def test_two_node_cluster_spread_and_node_loss(tmp_path):
         assert loss["history"][cid][-1]["result"] == "done"
         assert loss["results"][cid]["node"] == head  # rerun elsewhere
     # cells the second node finished before it died are kept, not rerun
-    kept = [cid for cid, h in loss["history"].items() if h == [{"attempt": 1, "node_id": second, "result": "done"}]]
+    kept = [
+        cid
+        for cid, h in loss["history"].items()
+        if h == [{"attempt": 1, "node_id": second, "result": "done"}]
+    ]
     assert kept and all(loss["results"][cid]["node"] == second for cid in kept)
 
 
 # --- Ctrl-C, then resume (own process, embedded Ray) -----------------------------------------
 
 
-def _shm_of(pids_or_tokens: set[str]) -> list[str]:
-    shm = Path("/dev/shm")
-    return [p.name for p in shm.iterdir() if p.name.startswith("ptlab.") and any(t in p.name for t in pids_or_tokens)]
+def _shm_of(tokens: set[str], min_age_s: float = 0.0, max_age_s: float = 1e9) -> list[str]:
+    """ptlab entries in /dev/shm whose name contains one of ``tokens``, by age (seconds)."""
+    now = time.time()
+    out = []
+    for p in Path("/dev/shm").iterdir():
+        if p.name.startswith("ptlab.") and any(t in p.name for t in tokens):
+            try:
+                age = now - p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if min_age_s <= age <= max_age_s:
+                out.append(p.name)
+    return out
 
 
 def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
     out = tmp_path / "sweep"
     args = [PY, str(TESTS / "sweep_cli.py"), "sweep", "--dry-run", "--no-progress",
             "-s", "pmd-clear,ptl-hold,migration-entry", "--order", "4,9", "--app", "1",
-            "--khugepaged", "0", "--duration", "1.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
+            "--khugepaged", "0", "--duration", "2", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    ids = _all_ids()
     # its own session, as a terminal's Ctrl-C reaches the whole foreground process group
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(), start_new_session=True)  # fmt: skip
@@ -301,8 +336,9 @@ def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             done = list((out / "cells").glob("*.arrow")) if (out / "cells").exists() else []
-            if len(done) >= 2 and _shm_of({f".{c}." for c in _all_ids(args)}):
-                break  # two cells kept, the next ones mid-run with their shared memory
+            # two cells kept, and a cell well into its 2 s with its shared memory
+            if len(done) >= 2 and _shm_of({f".{c}." for c in ids}, 0.2, 1.0):
+                break
             time.sleep(0.1)
         else:
             pytest.fail("the sweep did not get going")
@@ -323,7 +359,9 @@ def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
     assert len(done_ids) >= 2 and len(done_ids) < 6
     assert {f.stem for f in (out / "cells").glob("*.arrow")} == done_ids
     assert {c["status"] for c in manifest["cells"].values()} <= {"done", "pending", "cancelled"}
-    assert not _shm_of({f".{c}." for c in manifest["cells"]}), "interrupted cells left shared memory"
+    assert not _shm_of({f".{c}." for c in manifest["cells"]}), (
+        "interrupted cells left shared memory"
+    )
     assert any(manifest["shm_cleanup"].values()), "the clean-up found nothing to remove"
     stamps = {f.name: f.stat().st_mtime_ns for f in (out / "cells").glob("*.arrow")}
 
@@ -334,11 +372,15 @@ def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
     assert f"({len(done_ids)} from before)" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["done"] == 6
-    assert all(f.stat().st_mtime_ns == stamps[f.name] for f in (out / "cells").glob("*.arrow") if f.name in stamps)
+    assert all(
+        f.stat().st_mtime_ns == stamps[f.name]
+        for f in (out / "cells").glob("*.arrow")
+        if f.name in stamps
+    )
     assert _merged(out).num_rows == 6 * 50
 
 
-def _all_ids(args: list[str]) -> list[str]:
+def _all_ids() -> list[str]:
     spec = SweepSpec(strategies=("pmd-clear", "ptl-hold", "migration-entry"), orders=(4, 9),
-                     cpus=ONE_CPU, base={"duration_s": 1.5, "warmup_s": 0.0})  # fmt: skip
+                     cpus=ONE_CPU, base={"duration_s": 2.0, "warmup_s": 0.0})  # fmt: skip
     return [c.cell_id for c in expand(spec)]
