@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ptlab.core._prims import now_ns
 from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE
 from ptlab.core.cpu import CpuContext
@@ -26,6 +28,7 @@ from ptlab.core.layout import (
     PG_ISOLATED,
     PG_LOCKED,
     PG_LRU,
+    _DIRTY,
     _PRESENT,
     _WRITE,
     _YOUNG,
@@ -51,7 +54,7 @@ class Collapse:
     first: int = 0  # index of the first PTE in its table
     t: int = -1  # PTE table
     target: int = -1  # head pfn of the new folio
-    saved: list[int] = field(default_factory=list)  # original PTEs (for restore and copy)
+    saved: np.ndarray | None = None  # original PTEs (for restore and copy)
     heads: list[int] = field(default_factory=list)  # old folios, locked and isolated
     phase_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     _t: int = 0
@@ -112,80 +115,78 @@ class Collapse:
         self.t = pmd >> 12
         return "SCAN_SUCCEED"
 
-    def read_ptes(self) -> list[int]:
-        return [int(x) for x in self.m.ptes_range(self.t, self.first, self.nr)]
+    def read_ptes(self) -> np.ndarray:
+        """A copy of the range's PTEs (int64 array), read under the PTL by the caller."""
+        return self.m.ptes_range(self.t, self.first, self.nr)
 
-    def isolate(self, ptes: list[int], extra_refs: int = 0) -> str:
-        """__collapse_huge_page_isolate(): per present PTE, folio_trylock() (a trylock: we may
-        hold the PTL, and the lock order is folio_lock -> PTL), is_refcount_suitable(), then
-        folio_isolate_lru() taking a reference.  On failure everything is released."""
+    def isolate(self, ptes: np.ndarray, check_refs: bool = True) -> str:
+        """__collapse_huge_page_isolate(): count holes against max_ptes_none, then per folio
+        (a large folio once: compound_pagelist) folio_trylock() — a trylock, since we may hold
+        the PTL and the lock order is folio_lock -> PTL — is_refcount_suitable(), and
+        folio_isolate_lru() taking a reference.  On failure everything is released.  The
+        per-folio checks are batched with numpy (plain loads, as the kernel's are); every
+        change to a shared count is atomic."""
         m, cpu = self.m, self.cpu
-        none = 0
-        seen: set[int] = set()
         max_none = cpu.config.max_ptes_none >> (HPAGE_PMD_ORDER - self.order)
-        for pte in ptes:
-            if pte == 0:
-                none += 1
-                if none > max_none:
-                    self.release_isolated()
-                    return "SCAN_EXCEED_NONE_PTE"
-                continue
-            if not pte & _PRESENT:
-                self.release_isolated()
-                return "SCAN_PTE_NON_PRESENT"
-            head = m.folio_head(pte >> 12)
-            if head < 0:
-                self.release_isolated()
-                return "SCAN_PAGE_NULL"
-            if head in seen:
-                continue  # compound_pagelist: a large folio is handled once
-            seen.add(head)
-            if not m.folio_locks.folio_trylock(cpu, head):
+        if int((ptes == 0).sum()) > max_none:
+            return "SCAN_EXCEED_NONE_PTE"
+        present = ptes[ptes != 0]
+        if len(present) == 0:
+            return "SCAN_PAGE_NULL"
+        if ((present & _PRESENT) == 0).any():
+            return "SCAN_PTE_NON_PRESENT"
+        heads_all = m.f["head"][present >> 12]
+        if (heads_all < 0).any():
+            return "SCAN_PAGE_NULL"
+        heads = list(dict.fromkeys(heads_all.tolist()))
+        fl = m.folio_locks
+        for head in heads:
+            if not fl.folio_trylock(cpu, head):
                 self.release_isolated()
                 return "SCAN_PAGE_LOCK"
             self.heads.append(head)
-            if m.folio_ref_count(head) != m.folio_mapcount(head) + extra_refs:
-                self.release_isolated()
-                return "SCAN_PAGE_COUNT"
-            if not m.folio_flags(head) & PG_LRU:
-                self.release_isolated()
-                return "SCAN_DEL_PAGE_LRU"
-            m.folio_test_set_flag(head, PG_LRU, False)  # folio_isolate_lru()
-            m.folio_test_set_flag(head, PG_ISOLATED, True)
-            m.folio_ref_add(head, 1)
-        if not seen:
-            return "SCAN_PAGE_NULL"
+        h = np.asarray(heads)
+        if check_refs and (m.f["refcount"][h] != m.f["mapcount"][h]).any():
+            self.release_isolated()
+            return "SCAN_PAGE_COUNT"
+        if ((m.f["flags"][h] & PG_LRU) == 0).any():
+            self.release_isolated()
+            return "SCAN_DEL_PAGE_LRU"
+        # folio_isolate_lru(): the flags of a folio we hold locked change only under its lock
+        m.f["flags"][h] = (m.f["flags"][h] & ~PG_LRU) | PG_ISOLATED
+        ref = m.off["refcount"]
+        for head in heads:
+            m.folio.fetch_add32(ref + head * 4, 1)
         return "SCAN_SUCCEED"
 
-    def refs_unexpected(self, mapcount_gone: bool = False) -> bool:
+    def refs_unexpected(self) -> bool:
         """The reference check after clear + flush: any reference beyond the mappings and our
         isolation reference is a GUP pin (or an in-flight GUP-fast grab)."""
+        if not self.heads:
+            return False
         m = self.m
-        for head in self.heads:
-            expected = 1 + (0 if mapcount_gone else m.folio_mapcount(head))
-            if m.folio_ref_count(head) != expected:
-                return True
-        return False
+        h = np.asarray(self.heads)
+        return bool((m.f["refcount"][h] != m.f["mapcount"][h] + 1).any())
 
     def release_isolated(self) -> None:
         """release_pte_folios(): putback on the LRU, unlock, drop the isolation reference."""
         m, cpu = self.m, self.cpu
+        flags = m.f["flags"]
         for head in self.heads:
-            isolated = m.folio_flags(head) & PG_ISOLATED
+            isolated = flags[head] & PG_ISOLATED
             if isolated:
-                m.folio_test_set_flag(head, PG_ISOLATED, False)
-                m.folio_test_set_flag(head, PG_LRU, True)
+                flags[head] = (flags[head] & ~PG_ISOLATED) | PG_LRU
             m.folio_locks.folio_unlock(cpu, head)
             if isolated:
                 m.folio_put(cpu, head)
         self.heads.clear()
 
-    def copy(self, ptes: list[int]) -> None:
+    def copy(self, ptes: np.ndarray) -> None:
         """__collapse_huge_page_copy(): copy every mapped page, clear every hole.  Interrupts
         stay on (a flush IPI is taken between pages)."""
         m, cpu = self.m, self.cpu
-        for j, pte in enumerate(ptes):
-            if pte & _PRESENT or is_migration_entry(pte):
+        for j, pte in enumerate(ptes.tolist()):
+            if pte:
                 m.copy_page(self.target + j, pte >> 12)
             else:
                 m.clear_page(self.target + j)
@@ -193,23 +194,39 @@ class Collapse:
                 cpu.interrupt_point()
         cpu.chaos("collapse_after_copy")
 
-    def new_ptes(self) -> list[int]:
-        return [pte_mk(self.target + j, write=True, dirty=True, young=True) for j in range(self.nr)]
+    def new_ptes(self) -> np.ndarray:
+        pfns = np.arange(self.target, self.target + self.nr, dtype=np.int64)
+        return (pfns << 12) | (_PRESENT | _WRITE | _DIRTY | _YOUNG)
 
-    def drop_old_mappings(self, ptes: list[int]) -> None:
-        """__collapse_huge_page_copy_succeeded(): folio_remove_rmap_pte() + the mapping's
-        reference for every old PTE, then the isolated folios are released (and freed)."""
+    def remove_rmaps(self, ptes: np.ndarray) -> list[tuple[int, int]]:
+        """folio_remove_rmap_ptes() for every old PTE, batched per folio: mapcount and the
+        mappings' references drop by the number of PTEs; the isolation reference keeps each
+        folio alive.  Returns (head, nr) pairs."""
+        m = self.m
+        present = ptes[ptes != 0]
+        heads, counts = np.unique(m.f["head"][present >> 12], return_counts=True)
+        out = list(zip(heads.tolist(), counts.tolist()))
+        for head, k in out:
+            m.folio_mapcount_add(head, -k)
+            m.folio_ref_add(head, -k)
+        return out
+
+    def release_old(self) -> None:
+        """After the new folio is in: unlock every old folio (waking migration waiters) and drop
+        the isolation reference, which frees it."""
         m, cpu = self.m, self.cpu
-        for pte in ptes:
-            if pte & _PRESENT:
-                head = m.folio_head(pte >> 12)
-                m.folio_mapcount_add(head, -1)
-                m.folio_put(cpu, head)
+        flags = m.f["flags"]
         for head in self.heads:
-            m.folio_test_set_flag(head, PG_ISOLATED, False)
+            flags[head] &= ~PG_ISOLATED
             m.folio_locks.folio_unlock(cpu, head)
             m.folio_put(cpu, head)
         self.heads.clear()
+
+    def drop_old_mappings(self, ptes: np.ndarray) -> None:
+        """__collapse_huge_page_copy_succeeded(): folio_remove_rmap_pte() + the mapping's
+        reference for every old PTE, then the isolated folios are released (and freed)."""
+        self.remove_rmaps(ptes)
+        self.release_old()
 
 
 def scan_pmd(cpu: CpuContext, start: int, order: int) -> str:
@@ -262,7 +279,7 @@ def scan_pmd(cpu: CpuContext, start: int, order: int) -> str:
             return "SCAN_PAGE_LOCK"
         if not flags & PG_LRU:
             return "SCAN_PAGE_LRU"
-        if not m.is_refcount_suitable(head):
+        if not m.is_refcount_suitable(head) and "migration-no-refcheck" not in cpu.bugs:
             return "SCAN_PAGE_COUNT"
     return "SCAN_SUCCEED"
 

@@ -184,8 +184,9 @@ def pte_mk(pfn: int, write: bool = True, dirty: bool = False, young: bool = True
     return (pfn << PFN_SHIFT) | _PRESENT | (_WRITE if write else 0) | (_DIRTY if dirty else 0) | (_YOUNG if young else 0)
 
 
-def pte_mk_migration(pte: int) -> int:
-    """A migration entry carrying the pfn and the write/dirty/young bits of a present PTE."""
+def pte_mk_migration(pte):  # type: ignore[no-untyped-def]
+    """A migration entry carrying the pfn and the write/dirty/young bits of a present PTE
+    (an int or an int64 array)."""
     return (pte & ~_PRESENT) | _MIGRATION
 
 

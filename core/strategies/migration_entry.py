@@ -23,7 +23,9 @@ taken between the check and the clear is missed — the same loss, through a nar
 from __future__ import annotations
 
 from ptlab.core.khugepaged import Collapse
-from ptlab.core.layout import PG_ISOLATED, pte_mk_migration
+import numpy as np
+
+from ptlab.core.layout import pte_mk_migration
 
 NAME = "migration-entry"
 
@@ -50,7 +52,8 @@ def collapse(c: Collapse) -> str:
                 return "SCAN_PMD_NULL"
             c.phase("refcheck")
             ptes = c.read_ptes()
-            result = c.isolate(ptes)  # folio_trylock + isolate: the folios stay locked to the end
+            # folio_trylock + isolate (the folios stay locked to the end)
+            result = c.isolate(ptes, check_refs="migration-no-refcheck" not in c.bugs)
             if result != "SCAN_SUCCEED":
                 c.free_target()
                 return result
@@ -64,11 +67,8 @@ def collapse(c: Collapse) -> str:
             # so a racing fault goes to migration_entry_wait() instead of allocating), one
             # flush for the range, then the pin check (clear first, then check: §2.3 A1 -> A2)
             c.phase("unmap")
-            entries = [0] * c.nr
-            for j, p in enumerate(ptes):
-                if p:
-                    entries[j] = pte_mk_migration(p)
-                    m.set_pte_at(c.t, c.first + j, entries[j])
+            entries = np.where(ptes != 0, pte_mk_migration(ptes), 0)
+            m.set_ptes(c.t, c.first, entries)
             c.phase("flush")
             cpu.flush_tlb_range(c.start, c.start + c.nr)
             cpu.chaos("collapse_after_flush")
@@ -79,14 +79,11 @@ def collapse(c: Collapse) -> str:
                     c.release_isolated()
                     c.free_target()
                     return "SCAN_PAGE_COUNT"
-            c.phase("unmap")
-            for p in ptes:  # try_to_migrate_one(): folio_remove_rmap_pte() + folio_put()
-                if p:
-                    head = m.folio_head(p >> 12)
-                    m.folio_mapcount_add(head, -1)
-                    m.folio_put(cpu, head)
         finally:
             ptl.unlock(cpu)
+        # try_to_migrate_one(): folio_remove_rmap_pte() + folio_put() per entry (the folios are
+        # locked and isolated: nothing else touches their counts)
+        c.remove_rmaps(ptes)
         # the copy runs with no spinlock: faulting CPUs sleep in migration_entry_wait()
         c.phase("copy")
         c.copy(entries)
@@ -95,23 +92,17 @@ def collapse(c: Collapse) -> str:
         try:
             # an entry zapped during the copy stays none; a hole refilled by a fault stays
             # the fault's; everything else gets the new folio's page
-            slots = [j for j, e in enumerate(entries) if m.ptep_get(c.t, c.first + j) == e]
-            if slots:
-                m.folio_add_new_anon_rmap(c.target, len(slots))  # before the PTEs are visible
-                new = c.new_ptes()
-                for j in slots:
-                    m.set_pte_at(c.t, c.first + j, new[j])
+            ours = m.ptes_range(c.t, c.first, c.nr) == entries
+            nslots = int(ours.sum())
+            if nslots:
+                m.folio_add_new_anon_rmap(c.target, nslots)  # before the PTEs are visible
+                m.set_ptes(c.t, c.first, np.where(ours, c.new_ptes(), m.ptes_range(c.t, c.first, c.nr)))
         finally:
             ptl.unlock(cpu)
-        if not slots:
+        if not nslots:
             m.folio_put(cpu, c.target)  # nothing left to map
         c.target = -1
-        # folio_unlock() of every old folio wakes the sleepers; the isolation refs go
-        for head in c.heads:
-            m.folio_test_set_flag(head, PG_ISOLATED, False)
-            m.folio_locks.folio_unlock(cpu, head)
-            m.folio_put(cpu, head)
-        c.heads.clear()
+        c.release_old()  # folio_unlock() of every old folio wakes the sleepers
         return "SCAN_SUCCEED"
     finally:
         m.mmap_lock.up_read(cpu)

@@ -26,6 +26,8 @@ PMD re-check on a broadcast-flush machine).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptlab.core.khugepaged import Collapse
 from ptlab.core.layout import pmd_mk_huge, pmd_mk_table
 from ptlab.core.paths import mm_lock_seq, mmap_write_unlock
@@ -99,7 +101,7 @@ def collapse(c: Collapse) -> str:
             c.copy(ptes)
             # step 6: install
             c.phase("install")
-            m.set_ptes(c.t, c.first, [0] * c.nr)  # ptep_clear() in copy_succeeded
+            m.set_ptes(c.t, c.first, np.zeros(c.nr, dtype=np.int64))  # ptep_clear() in copy_succeeded
             if c.order == 9:
                 m.folio_add_new_anon_rmap(c.target, 1)
                 m.pmd_lock.lock(cpu)  # set_pmd_at() under the PMD lock

@@ -24,6 +24,8 @@ the PTL first, then clear and set_ptes, no flush: writes made during the copy ar
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptlab.core.khugepaged import Collapse
 
 NAME = "ptl-hold"
@@ -62,13 +64,11 @@ def collapse(c: Collapse) -> str:
                 c.phase("copy")
                 c.copy(ptes)
                 c.phase("unmap")
-                for j in range(c.nr):
-                    m.ptep_get_and_clear(c.t, c.first + j)
+                m.set_ptes(c.t, c.first, np.zeros(c.nr, dtype=np.int64))
             else:
                 # step 1: clear the PTEs and flush the TLB
                 c.phase("unmap")
-                for j in range(c.nr):
-                    m.ptep_get_and_clear(c.t, c.first + j)
+                m.set_ptes(c.t, c.first, np.zeros(c.nr, dtype=np.int64))  # ptep_get_and_clear, batched
                 cpu.chaos("collapse_after_clear")
                 c.phase("flush")
                 if "ptl-hold-no-flush" not in c.bugs:
