@@ -219,7 +219,8 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     with atomic_output(path) as f:
-        with ipc.new_file(f, table.schema) as w:
+        # zstd-compressed record batches: pyarrow, polars and DuckDB read them transparently
+        with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
             w.write_table(table)
     return path
 

@@ -246,8 +246,8 @@ def test_interrupted_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     real_new_file = ipc.new_file
 
     class Interrupting:
-        def __init__(self, sink: Any, schema: pa.Schema) -> None:
-            self.w = real_new_file(sink, schema)
+        def __init__(self, sink: Any, schema: pa.Schema, **kw: Any) -> None:
+            self.w = real_new_file(sink, schema, **kw)
 
         def __enter__(self) -> Interrupting:
             return self
