@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -705,11 +706,22 @@ struct pingpong {
     int64_t stamp;
     int64_t *samples;
     Py_ssize_t n;
+    int sleeper_cpu; /* < 0: wherever the scheduler puts it */
 };
+
+static int pin_thread(pthread_t th, int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(th, sizeof(set), &set);
+}
 
 static void *pingpong_sleeper(void *arg)
 {
     struct pingpong *pp = arg;
+    if (pp->sleeper_cpu >= 0)
+        pin_thread(pthread_self(), pp->sleeper_cpu); /* checked by the creator before the start */
     for (Py_ssize_t i = 0; i < pp->n; i++) {
         /* odd: the sleeper's turn to wait; the waker sets it even and wakes. */
         __atomic_store_n(&pp->word, 1, __ATOMIC_RELEASE);
@@ -724,19 +736,55 @@ static void *pingpong_sleeper(void *arg)
     return NULL;
 }
 
+/* ref_futex_wake_to_run(n, waker_cpu=-1, sleeper_cpu=-1): a cpu >= 0 pins that thread to that
+ * host core for the measurement (the caller's affinity is restored afterwards), so the
+ * reference can be taken with the same placement as the Python processes it is set beside. */
 static PyObject *M_ref_futex_wake_to_run(PyObject *mod, PyObject *args)
 {
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "n", &n))
+    int waker_cpu = -1, sleeper_cpu = -1;
+    if (!PyArg_ParseTuple(args, "n|ii", &n, &waker_cpu, &sleeper_cpu))
         return NULL;
     if (n <= 0) {
         PyErr_SetString(PyExc_ValueError, "n must be positive");
         return NULL;
     }
-    struct pingpong pp = {.word = 0, .stamp = 0, .n = n};
+    if (waker_cpu >= CPU_SETSIZE || sleeper_cpu >= CPU_SETSIZE) {
+        PyErr_SetString(PyExc_ValueError, "cpu number out of range");
+        return NULL;
+    }
+    cpu_set_t saved;
+    int pinned = 0;
+    if (waker_cpu >= 0 || sleeper_cpu >= 0) {
+        /* check both cores exist and are allowed before starting anything */
+        int e = pthread_getaffinity_np(pthread_self(), sizeof(saved), &saved);
+        if (e != 0) {
+            errno = e;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        int probe[2] = {sleeper_cpu, waker_cpu};
+        for (int k = 0; k < 2; k++) {
+            if (probe[k] < 0)
+                continue;
+            e = pin_thread(pthread_self(), probe[k]);
+            pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
+            if (e != 0) {
+                PyErr_Format(PyExc_ValueError, "cannot run on host core %d: %s", probe[k], strerror(e));
+                return NULL;
+            }
+        }
+        if (waker_cpu >= 0) {
+            pin_thread(pthread_self(), waker_cpu);
+            pinned = 1;
+        }
+    }
+    struct pingpong pp = {.word = 0, .stamp = 0, .n = n, .sleeper_cpu = sleeper_cpu};
     pp.samples = PyMem_Calloc(n, sizeof(int64_t));
-    if (!pp.samples)
+    if (!pp.samples) {
+        if (pinned)
+            pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
         return PyErr_NoMemory();
+    }
     pthread_t th;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -758,6 +806,8 @@ static PyObject *M_ref_futex_wake_to_run(PyObject *mod, PyObject *args)
         pthread_join(th, NULL);
     }
     Py_END_ALLOW_THREADS
+    if (pinned)
+        pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
     if (err) {
         PyMem_Free(pp.samples);
         PyErr_SetString(PyExc_OSError, "pthread_create failed");
@@ -781,7 +831,7 @@ static PyMethodDef module_methods[] = {
      "ref_spin_contended(region, lock_off, counter_off, n) -> mean ns per locked increment"},
     {"ref_copy", M_ref_copy, METH_VARARGS, "ref_copy(region, dst, src, nbytes, iters) -> mean ns"},
     {"ref_futex_wake_to_run", M_ref_futex_wake_to_run, METH_VARARGS,
-     "ref_futex_wake_to_run(n) -> list of wake-to-run ns between two threads"},
+     "ref_futex_wake_to_run(n, waker_cpu=-1, sleeper_cpu=-1) -> list of wake-to-run ns between two threads"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -96,8 +96,8 @@ class Machine:
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, config: RunConfig) -> Machine:
-        ns = Namespace.create(Layout.for_config(config).sizes())
+    def create(cls, config: RunConfig, token: str | None = None) -> Machine:
+        ns = Namespace.create(Layout.for_config(config).sizes(), token=token)
         try:
             m = cls(config, ns)
             m._init()

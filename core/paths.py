@@ -419,7 +419,7 @@ def zap_range(cpu: CpuContext, start: int, nr: int, lock_mm: bool = True) -> int
     try:
         i = start >> 9
         pmd = m.pmdp_get(i)
-        if pmd_trans_huge(pmd):
+        while pmd_trans_huge(pmd):  # a huge PMD is split first (it may be re-made meanwhile)
             split_huge_pmd(cpu, i)
             pmd = m.pmdp_get(i)
         if not pmd & _PRESENT:

@@ -81,6 +81,12 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
     except OwnerDied as e:
         error = str(e)
         m.ctl.cas32(STOP, 0, STOP_FAILED)
+    except Exception as e:  # the machine reached a state no kernel path expects: report it
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        cpu.violation("cpu_exception", detail=f"{type(e).__name__}: {e} at {os.path.basename(where.filename)}:{where.lineno} ({where.name})")
+        m.ctl.cas32(STOP, 0, STOP_FAILED)
     finally:
         m.ctl.store32(cpu.base + CPU_STATE, ST_DONE)
         cpu.leave_cpumask()
