@@ -67,7 +67,7 @@ def render(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def calibrate(
-    out: Annotated[Path, typer.Option("--out", help="Directory for calibration.arrow (created if missing).")] = Path("results"),
+    out: Annotated[Path, typer.Option("--out", help="Directory for calibration.arrow (created if missing).")] = Path("results/calibration"),
     quick: Annotated[bool, typer.Option("--quick", help="Only the in-process subset (no second process; under 0.5 s).")] = False,
 ) -> None:
     from ptlab.core import calibrate as cal

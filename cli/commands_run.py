@@ -246,6 +246,23 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command()
+    def bench() -> None:
+        """The simulation's own step costs in one process, without contention: a TLB-hit
+        access, event recording, an anonymous fault, one collapse per strategy and order —
+        each against its target.  Set them beside `ptlab calibrate` and the kernel's numbers."""
+        from ptlab.core.bench import run_bench
+
+        with console.status("measuring") as status:
+            rows = run_bench(lambda s: status.update(f"measuring {s}"))
+        table = Table(title="ptlab bench (µs)")
+        for col in ("step", "median", "p99", "target", "", "note"):
+            table.add_column(col, justify="right" if col in ("median", "p99", "target") else "left")
+        for r in rows:
+            mark = "" if r["ok"] is None else ("[green]✓" if r["ok"] else "[red]✗")
+            table.add_row(r["step"], f"{r['median_us']:.2f}", f"{r['p99_us']:.2f}", "" if r["target_us"] is None else f"≤ {r['target_us']:g}", mark, r["note"])
+        console.print(table)
+
+    @app.command()
     def strategies() -> None:
         """Each strategy and each injectable bug: what it does and which requirement
         (a) GUP-fast cannot grab, b) no CPU can read/write, c) no walker can grab) it keeps or breaks."""

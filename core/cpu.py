@@ -345,6 +345,15 @@ class CpuContext:
         self.progress()
         return lat
 
+    def record_access(self, t0: int, s0: int, z0: int, vpn: int, code: int) -> None:
+        """The hot-path recorder for a sampled access: ``code`` is pack() of the access's
+        constant fields (op, role, result, vma); the rest is filled in here."""
+        if self.wait_kind:
+            code |= WAIT[self.wait_kind] << 16
+        if self.ctl.load32(COLLAPSING):
+            code |= 1 << 52
+        self.rec.put(t0, now_ns() - t0, self.spin_ns - s0, self.sleep_ns - z0, vpn, code)
+
     def record_collapse(self, begin: tuple[int, int, int], result: str, addr: int, order: int, phases: list[int]) -> None:
         t0, s0, z0 = begin
         lat = now_ns() - t0

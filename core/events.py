@@ -84,11 +84,14 @@ class Recorder:
         self.n = 0
         self.nc = 0
         self.dropped = 0
+        self.cap = len(self.rows)
+        self._put = self._r.put_row
 
     def put(self, t0: int, lat: int, spin: int, sleep: int, addr: int, packed: int) -> None:
-        if self.n < len(self.rows):
-            self._r.put_row(self.n, t0, lat, spin, sleep, addr, packed, 0, 0)
-            self.n += 1
+        n = self.n
+        if n < self.cap:
+            self._put(n, t0, lat, spin, sleep, addr, packed, 0, 0)
+            self.n = n + 1
         else:
             self.dropped += 1
 

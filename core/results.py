@@ -367,6 +367,7 @@ def find_result_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 q for q in p.rglob("*")
                 if q.is_file() and q.suffix in RESULT_SUFFIXES
                 and not any(part.startswith(".") for part in q.relative_to(p).parts)
+                and q.name != "calibration.arrow"  # ptlab calibrate's table, not a run
             )
             if not found:
                 raise ResultFileError(

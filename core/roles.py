@@ -19,6 +19,7 @@ from ptlab.core._prims import now_ns
 from ptlab.core.config import PTRS_PER_PTE, RunConfig
 from ptlab.core.cpu import CpuContext, Stopped
 from ptlab.core.errors import OwnerDied
+from ptlab.core.events import OP, RESULT, pack
 from ptlab.core.khugepaged import PHASES, collapse_range, scan_pmd
 from ptlab.core.layout import CPU_STATE, GATE, READY, ST_DONE, STOP, T0
 from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
@@ -91,13 +92,21 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
         m.ctl.store32(cpu.base + CPU_STATE, ST_DONE)
         cpu.leave_cpumask()
     rows, crows = cpu.rec.export()
+    import resource
+
     out = {
         "cpu": cpu_id,
         "role": role,
         "rows": rows,
         "crows": crows,
         "violations": cpu.violations,
-        "stats": {**cpu.stats, "dropped_events": cpu.rec.dropped, "spin_ns": cpu.spin_ns, "sleep_ns": cpu.sleep_ns},
+        "stats": {
+            **cpu.stats,
+            "dropped_events": cpu.rec.dropped,
+            "spin_ns": cpu.spin_ns,
+            "sleep_ns": cpu.sleep_ns,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        },
         "error": error,
         "pid": os.getpid(),
     }
@@ -147,6 +156,7 @@ class App(Role):
         self.n = 0
         self.others = [c for c in range(self.config.nr_cpus) if c != cpu.id]
         self.sample = cpu.sample
+        self.codes = {v: pack(OP["access"], cpu.role_code, 0, RESULT["ok"], v, 0, False) for v in (VMA_COLLAPSE, VMA_OTHER)}
 
     def step(self) -> None:
         cpu, rng = self.cpu, self.rng
@@ -161,14 +171,15 @@ class App(Role):
         self.n += 1
         record = self.n % self.sample == 0
         if record:
-            begin = cpu.op_begin()
+            cpu.wait_kind = ""
+            t0, s0, z0 = now_ns(), cpu.spin_ns, cpu.sleep_ns
         if rng.random() < WRITE_RATE or not self.others:
             access_store(cpu, self.oracle, vpn)
         else:
             access_load(cpu, self.oracle, vpn, self.others[self.n % len(self.others)])
         if record:
-            cpu.op_end(begin, "access", "ok", vpn, vma=vma)
-        elif self.n & 63 == 0:
+            cpu.record_access(t0, s0, z0, vpn, self.codes[vma])
+        if self.n & 63 == 0:
             cpu.progress()
 
 

@@ -10,10 +10,33 @@ import pytest
 SHM = Path("/dev/shm")
 
 
+def _ours(pid: int) -> bool:
+    """A segment is this session's when its creator is this process, a descendant of it, or
+    already gone (a leak); live processes of other sessions on the host are not ours."""
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
 def _ptlab_shm() -> set[str]:
     if not SHM.exists():
         return set()
-    return {p.name for p in SHM.iterdir() if "ptlab" in p.name}
+    out = set()
+    for p in SHM.iterdir():
+        if "ptlab" not in p.name:
+            continue
+        parts = p.name.split(".")
+        pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+        if pid < 0 or _ours(pid):
+            out.add(p.name)
+    return out
 
 
 @pytest.fixture(autouse=True)
