@@ -45,6 +45,7 @@ FREE_RATE = 0.002  # app: probability per access of an MADV_DONTNEED of zap_page
 OTHER_VMA_RATE = 0.1  # app: share of accesses that go to the other VMA
 WRITE_RATE = 0.5
 IDLE_NS = 1_000_000  # khugepaged between passes with nothing to do; zap between zaps
+MMAP_GAP_NS = 200_000  # mmap role: between mmap/mprotect/munmap cycles
 
 STOP_OK, STOP_WATCHDOG, STOP_FAILED = 1, 2, 3
 
@@ -273,6 +274,7 @@ class Mmap(Role):
         begin = cpu.op_begin()
         do_munmap(cpu, self.slot)
         cpu.op_end(begin, "munmap", "ok", start)
+        self.idle(MMAP_GAP_NS)  # a process maps memory now and then, not in a tight loop
 
 
 class Zap(Role):

@@ -341,12 +341,6 @@ def test_cli_compare_bad_input(three_x: Path, tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.xfail(
-    not issubclass(typer.BadParameter, __import__("click").ClickException),
-    reason="cli/main.py maps click.ClickException to exit 2, but typer >= 0.29 raises its own "
-           "vendored click exceptions (typer.TyperException) for usage errors",
-    strict=False,
-)
 def test_cli_unknown_choice_is_a_usage_error(three_x: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(monkeypatch, "compare", three_x, "--format", "pdf") == 2

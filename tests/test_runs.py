@@ -119,7 +119,7 @@ def test_signature_pmd_clear_faults_sleep_on_mmap_lock(signatures):
     f = _waiting_faults(df)
     assert _dominant(f) == "mmap_lock"
     assert (f[f.waited_on == "mmap_lock"].sleep_ns > 0).all()
-    assert f.spin_ns.sum() == 0
+    assert f.spin_ns.sum() < 0.01 * f.sleep_ns.sum()  # at most a brief zone-lock spin
 
 
 def test_signature_pmd_clear_mmap_waits_for_the_collapse(tmp_path):
