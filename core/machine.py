@@ -47,6 +47,7 @@ from ptlab.core.layout import (
     VMA_START,
     Layout,
     pmd_mk_table,
+    pmd_trans_huge,
     pte_mk,
 )
 from ptlab.core.locks import FolioLocks, RwSem, SpinLock, VmaLock
@@ -235,22 +236,25 @@ class Machine:
 
     def pte_table_for(self, cpu: CpuContext, vpn: int) -> int:
         """__pte_alloc + pmd_install: the table mapping vpn, installing a new one if the PMD is
-        none (under the PMD lock; a racing installer wins).  -1 when no table is left."""
+        none (under the PMD lock; a racing installer wins).  -1 when no table is left, -2
+        when the PMD turned huge meanwhile (the caller retries the fault)."""
         i = vpn >> 9
         pmd = self.pmdp_get(i)
-        if pmd:
-            return pmd >> 12
-        t = self.alloc_pte_table(cpu)
-        if t < 0:
-            return -1
-        self.pmd_lock.lock(cpu)
-        try:
-            if self.pmdp_get(i) == 0:
-                self.set_pmd(i, pmd_mk_table(t))  # pmd_install
-                return t
-        finally:
-            self.pmd_lock.unlock(cpu)
-        return self.pmdp_get(i) >> 12  # lost the race; the pool slot is left unused
+        if not pmd:
+            t = self.alloc_pte_table(cpu)
+            if t < 0:
+                return -1
+            self.pmd_lock.lock(cpu)
+            try:
+                if self.pmdp_get(i) == 0:
+                    self.set_pmd(i, pmd_mk_table(t))  # pmd_install
+                    return t
+            finally:
+                self.pmd_lock.unlock(cpu)
+            pmd = self.pmdp_get(i)  # lost the race; the pool slot is left unused
+        if pmd_trans_huge(pmd):
+            return -2
+        return pmd >> 12 if pmd else -2
 
     def epoch(self, vpn: int) -> int:
         return self.pt.load32(self.L.epochs_base + vpn * 4)

@@ -206,8 +206,10 @@ def __handle_mm_fault(cpu: CpuContext, vma: int, vpn: int, write: bool) -> str:
     pmd = m.pmdp_get(i)
     if pmd == 0:
         t = m.pte_table_for(cpu, vpn)  # __pte_alloc(); pmd_install() under the PMD lock
-        if t < 0:
+        if t == -1:
             return "fail"  # VM_FAULT_OOM
+        if t < 0:
+            return "retry"
         pmd = pmd_mk_table(t)
     elif pmd_trans_huge(pmd):
         return "spurious"  # huge_pmd_set_accessed(): the walk refills the TLB
