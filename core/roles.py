@@ -139,13 +139,16 @@ class Role:
         """Go idle for ns (leaves mm_cpumask like a CPU entering the idle loop)."""
         self.cpu.futex_sleep(self.m.ctl, STOP, 0, ns)
 
-    def zap(self) -> None:
+    def zap(self, vma: int = VMA_COLLAPSE) -> None:
         cpu, cfg = self.cpu, self.config
         n = cfg.zap_pages
-        start = self.vma0[0] + (self.pick0() // n) * n
+        if vma == VMA_COLLAPSE:
+            start = self.vma0[0] + (self.pick0() // n) * n
+        else:
+            start = self.vma1[0] + (self.rng.randrange(self.vma1[1]) // n) * n
         begin = cpu.op_begin()
         zap_range(cpu, start, n)
-        cpu.op_end(begin, "zap", "ok", start, vma=VMA_COLLAPSE)
+        cpu.op_end(begin, "zap", "ok", start, vma=vma)
 
 
 class App(Role):
@@ -162,8 +165,8 @@ class App(Role):
     def step(self) -> None:
         cpu, rng = self.cpu, self.rng
         r = rng.random()
-        if r < FREE_RATE:
-            self.zap()
+        if r < FREE_RATE:  # free memory where the accesses go: both VMAs get holes to refault
+            self.zap(VMA_OTHER if rng.random() < OTHER_VMA_RATE else VMA_COLLAPSE)
             return
         if r < OTHER_VMA_RATE:
             vma, vpn = VMA_OTHER, self.vma1[0] + self.pick1()
