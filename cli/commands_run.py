@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from ptlab.core.bugs import BUG_TEXT, STRATEGY_TEXT, check_cases
 from ptlab.core.config import BUGS, FlushMode, PtlMode, RunConfig, Strategy
 from ptlab.core.errors import ConfigError, RunFailed
 from ptlab.workloads.mixes import MIXES, default_cpus, get_mix
 from ptlab.workloads.patterns import Workload
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console(stderr=False)
 err = Console(stderr=True)

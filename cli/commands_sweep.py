@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
 from ptlab.core.errors import ConfigError, PtlabError, RunFailed
 from ptlab.core.results import ResultFileError
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import typer
-
 from ptlab.core.errors import PtlabError
 from ptlab.core.results import ResultFileError
 

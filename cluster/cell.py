@@ -18,13 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from ptlab.core._prims import now_ns
 from ptlab.core.config import RunConfig
 from ptlab.core.cpu import CpuContext
 from ptlab.core.errors import RunFailed
 from ptlab.core.events import to_columns
-from ptlab.core.layout import CPU_PID, CPU_PROGRESS, CPU_STATE, GATE, MAX_CPUS, READY, ST_DONE, STOP, T0
+from ptlab.core.layout import (
+    CPU_PID,
+    CPU_PROGRESS,
+    CPU_STATE,
+    GATE,
+    MAX_CPUS,
+    READY,
+    ST_DONE,
+    STOP,
+    T0,
+)
 from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
 from ptlab.core.oracle import check_machine, lock_dump
 from ptlab.core.results import write_run
@@ -72,7 +81,10 @@ def run_cell(
     """Run one cell and write ``out_dir/<run_id>.arrow``; returns its path (or, when out_dir is
     None, the columns and metadata).  Raises RunFailed if a CPU died or Ray failed."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
 
     run_id = run_id or make_run_id(config)
     roles = assign_roles(config)

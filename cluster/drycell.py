@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from ptlab.core.config import RunConfig
 from ptlab.core.errors import RunFailed
 from ptlab.core.results import write_run

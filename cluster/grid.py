@@ -23,12 +23,12 @@ import hashlib
 import itertools
 import json
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from ptlab.core.config import DEFAULT_CPUS, FlushMode, PtlMode, Role, RunConfig, Strategy
 from ptlab.core.errors import ConfigError
 

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
 from ptlab.cluster.grid import Cell, SweepSpec, cpus_label, expand
 from ptlab.cluster.shmclean import sweep_shm
 from ptlab.core.config import RunConfig

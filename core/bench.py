@@ -15,6 +15,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from ptlab.core import strategies
 from ptlab.core._prims import now_ns
 from ptlab.core.config import RunConfig
 from ptlab.core.cpu import CpuContext
@@ -22,7 +23,6 @@ from ptlab.core.events import OP, RESULT, pack
 from ptlab.core.khugepaged import collapse_range
 from ptlab.core.machine import VMA_COLLAPSE, Machine
 from ptlab.core.paths import Oracle, access_store, zap_range
-from ptlab.core import strategies
 
 TARGETS_US = {"access_tlb_hit": 2.0, "fault_anon": 25.0, "collapse_o9": 5000.0}
 

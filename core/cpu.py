@@ -50,6 +50,7 @@ from ptlab.core.layout import (
     TLB_GEN,
 )
 from ptlab.core.machine import Machine
+from ptlab.core.shm import pid_alive
 
 NO_RANGE_START = 1 << 62
 BCAST_CLAIM = 56  # ctl header: i64 claim counter for the broadcast ring
@@ -302,15 +303,7 @@ class CpuContext:
 
     def cpu_alive(self, cpu: int) -> bool:
         pid = self.ctl.load64(self.m.L.cpu(cpu) + CPU_PID)
-        if pid <= 0:
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid <= 0 or pid_alive(pid)
 
     def check_stop(self) -> None:
         if self.ctl.load32(STOP):

@@ -13,7 +13,6 @@ buffers small; every fault, GUP, mmap, zap and collapse is recorded.
 from __future__ import annotations
 
 import numpy as np
-
 from ptlab.core._prims import Region
 
 OPS = ("access", "fault", "gup_fast", "gup_slow", "mmap", "munmap", "mprotect", "zap", "collapse", "scan", "dma")

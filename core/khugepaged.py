@@ -18,23 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from ptlab.core._prims import now_ns
 from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE
 from ptlab.core.cpu import CpuContext
 from ptlab.core.layout import (
+    _DIRTY,
+    _PRESENT,
+    _WRITE,
+    _YOUNG,
     COLLAPSE_PHASE,
     COLLAPSING,
     PG_ISOLATED,
     PG_LOCKED,
     PG_LRU,
-    _DIRTY,
-    _PRESENT,
-    _WRITE,
-    _YOUNG,
-    is_migration_entry,
     pmd_trans_huge,
-    pte_mk,
 )
 from ptlab.core.machine import VMA_COLLAPSE, Machine
 
@@ -114,6 +111,16 @@ class Collapse:
             return "SCAN_PMD_MAPPED"
         self.t = pmd >> 12
         return "SCAN_SUCCEED"
+
+    def revalidate(self) -> str:
+        """hugepage_vma_revalidate() + check_pmd_still_valid() after retaking mmap_lock; on
+        failure the target folio is given back."""
+        result = self.hugepage_vma_revalidate()
+        if result == "SCAN_SUCCEED":
+            result = self.check_pmd_still_valid()
+        if result != "SCAN_SUCCEED":
+            self.free_target()
+        return result
 
     def read_ptes(self) -> np.ndarray:
         """A copy of the range's PTEs (int64 array), read under the PTL by the caller."""

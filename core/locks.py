@@ -103,7 +103,7 @@ class SpinLock:
 
     def __repr__(self) -> str:
         o = self.owner()
-        return f"<{self.name} {'held by CPU %d' % o if o >= 0 else 'free'}>"
+        return f"<{self.name} {f'held by CPU {o}' if o >= 0 else 'free'}>"
 
 
 class RwSem:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE, RunConfig
 from ptlab.core.layout import (
     FOLIO_FIELDS,
@@ -121,7 +120,7 @@ class Machine:
         self.ns.close()
 
     def _init(self) -> None:
-        L, c = self.L, self.config
+        L = self.L
         self.f["head"][:] = -1
         self.f["next_free"][:] = -1
         self.f["prev_free"][:] = -1

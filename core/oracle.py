@@ -18,8 +18,9 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
 from ptlab.core.layout import (
+    _MIGRATION,
+    _PRESENT,
     CPU_STATE,
     CPU_WAITING,
     GUP_PIN_COUNTING_BIAS,
@@ -27,8 +28,6 @@ from ptlab.core.layout import (
     PG_BUDDY,
     POISON_FREE,
     STATE_NAMES,
-    _MIGRATION,
-    _PRESENT,
     pmd_trans_huge,
 )
 from ptlab.core.machine import MAX_VMAS, Machine

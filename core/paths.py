@@ -18,14 +18,14 @@ from __future__ import annotations
 from ptlab.core.config import PTRS_PER_PTE
 from ptlab.core.cpu import CpuContext
 from ptlab.core.layout import (
-    MM_LOCK_SEQ,
-    VM_INUSE,
-    VM_ORACLE,
-    VM_WRITE,
     _DIRTY,
     _PRESENT,
     _WRITE,
     _YOUNG,
+    MM_LOCK_SEQ,
+    VM_INUSE,
+    VM_ORACLE,
+    VM_WRITE,
     is_migration_entry,
     pmd_mk_table,
     pmd_trans_huge,

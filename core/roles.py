@@ -15,6 +15,7 @@ import os
 import random
 from typing import Any
 
+from ptlab.core import strategies
 from ptlab.core._prims import now_ns
 from ptlab.core.config import PTRS_PER_PTE, RunConfig
 from ptlab.core.cpu import CpuContext, Stopped
@@ -38,7 +39,6 @@ from ptlab.core.paths import (
     translate,
     zap_range,
 )
-from ptlab.core import strategies
 from ptlab.workloads.patterns import make_pattern
 
 FREE_RATE = 0.002  # app: probability per access of an MADV_DONTNEED of zap_pages pages

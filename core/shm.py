@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import posix_ipc
-
 from ptlab.core._prims import Region
 
 PREFIX = "ptlab."
@@ -126,7 +125,8 @@ def _entries() -> list[Path]:
         return []
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (a zombie counts as alive until reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +145,7 @@ def sweep_stale(only_dead: bool = True) -> list[str]:
             pid = int(parts[1])
         except (IndexError, ValueError):
             continue
-        if only_dead and _pid_alive(pid):
+        if only_dead and pid_alive(pid):
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + p.name)

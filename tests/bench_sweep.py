@@ -33,11 +33,10 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from ptlab.cluster.drycell import dry_cell  # noqa: E402
 from ptlab.cluster.grid import SweepSpec  # noqa: E402
 from ptlab.cluster.sweep import run_sweep  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 MiB = 2**20
 

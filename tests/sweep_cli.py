@@ -19,7 +19,6 @@ def main(argv: list[str]) -> int:
 
         return ptlab_main(argv)
     import typer
-
     from ptlab.cli import commands_sweep
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ptlab.core.bugs import check_cases
 from ptlab.core.config import RunConfig
 from ptlab.core.errors import RunFailed
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 STRATEGIES = ("pmd-clear", "ptl-hold", "migration-entry")
 
 
-def run(tmp_path: Path, **kw) -> tuple[dict, "object"]:
+def run(tmp_path: Path, **kw) -> tuple[dict, object]:
     from ptlab.cluster.cell import run_cell
 
     r = read_run(run_cell(RunConfig(**kw), tmp_path))
@@ -38,7 +37,7 @@ def test_safe_strategy_collapses_cleanly(tmp_path, strategy, order, flush):
     assert ok >= 20, meta["summary"]
     assert meta["violations"] == [], meta["violations"][:3]
     # the GUP CPU really pinned pages during the run
-    assert ((df.op == "dma")).sum() > 0
+    assert (df.op == "dma").sum() > 0
 
 
 BUG_CASES = [c for c in check_cases() if c.bugs and len(c.bugs) == 1 and c.expect_caught]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-
 from ptlab.cluster.drycell import dry_cell
 from ptlab.cluster.grid import SweepSpec, cell_id, expand, load_toml, repeat_seed
 from ptlab.cluster.shmclean import sweep_shm
@@ -51,7 +50,6 @@ def _cli(args: list[str]) -> tuple[int, str, str]:
 
 def _app():  # the sweep command alone, registered as ptlab.cli.main registers it
     import typer
-
     from ptlab.cli import commands_sweep
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

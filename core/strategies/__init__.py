@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ptlab.core.strategies import migration_entry, pmd_clear, ptl_hold
-from ptlab.core.strategies import test_ptl_leak
+from ptlab.core.strategies import migration_entry, pmd_clear, ptl_hold, test_ptl_leak
 
 STRATEGIES: dict[str, ModuleType] = {mod.NAME: mod for mod in (pmd_clear, ptl_hold, migration_entry)}
 

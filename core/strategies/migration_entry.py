@@ -22,9 +22,8 @@ taken between the check and the clear is missed — the same loss, through a nar
 
 from __future__ import annotations
 
-from ptlab.core.khugepaged import Collapse
 import numpy as np
-
+from ptlab.core.khugepaged import Collapse
 from ptlab.core.layout import pte_mk_migration
 
 NAME = "migration-entry"
@@ -38,11 +37,8 @@ def collapse(c: Collapse) -> str:
         return result
     m.mmap_lock.down_read(cpu)  # the VMA must stay stable for the whole collapse
     try:
-        result = c.hugepage_vma_revalidate()
-        if result == "SCAN_SUCCEED":
-            result = c.check_pmd_still_valid()
+        result = c.revalidate()
         if result != "SCAN_SUCCEED":
-            c.free_target()
             return result
         ptl = m.ptl(c.t)
         ptl.lock(cpu)  # the unmap: PTEs change only under it

@@ -27,7 +27,6 @@ PMD re-check on a broadcast-flush machine).
 from __future__ import annotations
 
 import numpy as np
-
 from ptlab.core.khugepaged import Collapse
 from ptlab.core.layout import pmd_mk_huge, pmd_mk_table
 from ptlab.core.paths import mm_lock_seq, mmap_write_unlock

@@ -25,7 +25,6 @@ the PTL first, then clear and set_ptes, no flush: writes made during the copy ar
 from __future__ import annotations
 
 import numpy as np
-
 from ptlab.core.khugepaged import Collapse
 
 NAME = "ptl-hold"
@@ -39,11 +38,8 @@ def collapse(c: Collapse) -> str:
         return result
     m.mmap_lock.down_read(cpu)  # VMA stability; page faults and GUP proceed under it
     try:
-        result = c.hugepage_vma_revalidate()
-        if result == "SCAN_SUCCEED":
-            result = c.check_pmd_still_valid()
+        result = c.revalidate()
         if result != "SCAN_SUCCEED":
-            c.free_target()
             return result
         ptl = m.ptl(c.t)
         ptl.lock(cpu)  # held from the clear to the re-insert: every walker of this table waits
