@@ -29,6 +29,8 @@ from ptlab.core.layout import (
     CPU_STATE,
     GATE,
     MAX_CPUS,
+    PARKED,
+    QUIESCE,
     READY,
     ST_DONE,
     STOP,
@@ -129,11 +131,11 @@ def run_cell(
         m.ctl.store32(GATE, 1)
         m.ctl.futex_wake(GATE, 1 << 30)
         total_s = config.warmup_s + config.duration_s
-        results, watchdog = _monitor(ray, m, refs, ref_cpu, roles, config, t0, total_s, say)
+        results, watchdog, quiescent, checks = _monitor(ray, m, refs, ref_cpu, roles, config, t0, total_s, say)
         errors = [r["error"] for r in results if r["error"]]
         if errors and not watchdog:
             raise RunFailed(errors[0])
-        violations = [v for r in results for v in r["violations"]]
+        violations = [v for r in results for v in r["violations"]] + quiescent
         if watchdog:
             violations.append(watchdog)
         if m.ctl.load32(STOP) == 0:  # every CPU finished its last operation: quiescent
@@ -151,6 +153,7 @@ def run_cell(
             "roles": roles,
             "cpu_stats": {f"cpu{r['cpu']}": r["stats"] for r in results},
             "access_sample": 8,
+            "quiescent_checks": checks,
             **(extra_meta or {}),
         }
     finally:
@@ -185,16 +188,24 @@ def _raise_dead(ray: Any, done: list[Any], ref_cpu: dict[Any, int], roles: list[
             raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {why}") from None
 
 
-def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], roles: list[str], config: RunConfig, t0: int, total_s: float, say: Callable[[str, float], None]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Wait for the CPUs; a CPU with no progress for watchdog_s turns into a failed run with a
-    dump of every lock's holder and waiters (a deadlock is a result, never a hang)."""
+def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], roles: list[str], config: RunConfig, t0: int, total_s: float, say: Callable[[str, float], None]) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]], int]:
+    """Wait for the CPUs.  Every ``quiesce_s`` park them all between operations and check the
+    machine's invariants (a quiescent point); a CPU with no progress for watchdog_s turns into
+    a failed run with a dump of every lock's holder and waiters (a deadlock is a result, never
+    a hang).  Returns the CPUs' results, the watchdog's report, the quiescent findings and
+    how many quiescent checks ran."""
     n = len(refs)
     last = [m.ctl.load64(m.L.cpu(i) + CPU_PROGRESS) for i in range(n)]
     changed = [time.monotonic()] * n
     pending = list(refs)
     results: dict[int, dict[str, Any]] = {}
     watchdog = None
-    hard_deadline = time.monotonic() + total_s + config.watchdog_s + 60
+    found: list[dict[str, Any]] = []
+    checks = 0
+    start = time.monotonic()
+    next_quiesce = start + config.warmup_s + config.quiesce_s if config.quiesce_s else float("inf")
+    end = start + total_s
+    hard_deadline = end + config.watchdog_s + 60
     while pending:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
         for r in done:
@@ -205,6 +216,17 @@ def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], rol
                 _raise_dead(ray, [r], ref_cpu, roles, m)
         now = time.monotonic()
         say("running", min(0.97, (now_ns() - t0) / 1e9 / total_s))
+        if watchdog is None and pending and now >= next_quiesce and now < end - 0.3:
+            checked = _quiescent_check(m, n, config)
+            if checked is None:
+                next_quiesce = float("inf")  # CPUs that cannot park: the watchdog decides
+            else:
+                found.extend(checked)
+                checks += 1
+                parked_for = time.monotonic() - now
+                changed = [c + parked_for for c in changed]  # parking is not a lack of progress
+                now = time.monotonic()
+                next_quiesce = now + config.quiesce_s
         if watchdog is None:
             for i in range(n):
                 p = m.ctl.load64(m.L.cpu(i) + CPU_PROGRESS)
@@ -227,7 +249,33 @@ def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], rol
                     break
         if now > hard_deadline:
             raise RunFailed("the run did not end: CPUs did not stop after the watchdog fired")
-    return [results[i] for i in range(n)], watchdog
+    return [results[i] for i in range(n)], watchdog, found, checks
+
+
+def _quiescent_check(m: Machine, n: int, config: RunConfig) -> list[dict[str, Any]] | None:
+    """Park every running CPU between operations, check the invariants, release them.  None
+    when the CPUs do not all park within a second (a CPU stuck in an operation)."""
+    ctl = m.ctl
+    ctl.store32(QUIESCE, 1)
+    try:
+        deadline = time.monotonic() + min(1.0, config.watchdog_s / 2)
+        while True:
+            running = sum(ctl.load32(m.L.cpu(i) + CPU_STATE) != ST_DONE for i in range(n))
+            if ctl.load32(PARKED) >= running:
+                break
+            if time.monotonic() > deadline or ctl.load32(STOP):
+                return None
+            time.sleep(0.0005)
+        if running < n:
+            return []  # a CPU already finished: the end-of-run check covers this point
+        found = check_machine(m)
+        for v in found:
+            v["phase"] = "quiescent"
+            v["t_ns"] = now_ns()
+        return found
+    finally:
+        ctl.store32(QUIESCE, 0)
+        ctl.futex_wake(QUIESCE, 1 << 30)
 
 
 def _columns(results: list[dict[str, Any]], run_id: str, config: RunConfig, t0: int) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class RunConfig:
     pin_hold_us: int = 200
     max_ptes_none: int = 511
     watchdog_s: float = 10.0
+    quiesce_s: float = 1.0  # check the invariants at a quiescent point this often (0: only at the end)
     mthp_fault_order: int = 0  # >0: faults on an all-none range may allocate this order
     zap_pages: int = 8  # pages per MADV_DONTNEED
     mix: str = ""  # a named role mix from ptlab.workloads (overrides cpus when set)
@@ -178,6 +179,8 @@ def validate(c: RunConfig) -> None:
         raise ConfigError(f"pin hold time must be >= 0 µs (got {c.pin_hold_us})")
     if not 0 <= c.max_ptes_none < PTRS_PER_PTE:
         raise ConfigError(f"max_ptes_none must be in 0..511 (got {c.max_ptes_none})")
+    if c.quiesce_s < 0:
+        raise ConfigError(f"quiescent-check interval must be >= 0 s (got {c.quiesce_s})")
     if c.watchdog_s <= 0:
         raise ConfigError(f"watchdog limit must be positive (got {c.watchdog_s})")
     if c.mthp_fault_order and not 2 <= c.mthp_fault_order < HPAGE_PMD_ORDER:

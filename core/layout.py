@@ -32,6 +32,8 @@ TLB_GEN = 32  # i64: broadcast-invalidation generation
 T0 = 40  # i64: start-gate time (monotonic ns)
 NEXT_TABLE = 48  # i32: PTE-table pool allocation cursor (under page_table_lock)
 COLLAPSE_PHASE = 108  # i32: phase of the collapse in flight (index into PHASES + 1), 0 none
+QUIESCE = 112  # u32 futex: 1 while the driver wants every CPU parked between operations
+PARKED = 116  # u32: CPUs parked at the quiescent point
 BCAST = 128  # BCAST_RING x (start, end) i64 pairs
 HEADER_END = BCAST + BCAST_RING * 16
 

@@ -22,7 +22,7 @@ from ptlab.core.cpu import CpuContext, Stopped
 from ptlab.core.errors import OwnerDied
 from ptlab.core.events import OP, RESULT, pack
 from ptlab.core.khugepaged import PHASES, collapse_range, scan_pmd
-from ptlab.core.layout import CPU_STATE, GATE, READY, ST_DONE, STOP, T0
+from ptlab.core.layout import CPU_STATE, GATE, PARKED, QUIESCE, READY, ST_DONE, STOP, T0
 from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
 from ptlab.core.paths import (
     DMA_WORD,
@@ -73,9 +73,12 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
         end = m.ctl.load64(T0) + duration_ns
         runner = ROLES[role](cpu, random.Random(seed * 1000 + cpu_id))
         try:
-            while now_ns() < end and not m.ctl.load32(STOP):
+            ctl = m.ctl
+            while now_ns() < end and not ctl.load32(STOP):
                 runner.step()
                 cpu.interrupt_point()
+                if ctl.load32(QUIESCE):
+                    park(cpu)
         finally:
             runner.finish()
     except Stopped:
@@ -114,6 +117,18 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
     cpu.rec.close()
     m.close()
     return out
+
+
+def park(cpu: CpuContext) -> None:
+    """A quiescent point: between two operations this CPU holds no lock, no pin and no
+    half-changed entry, so the driver can check the machine's invariants while all are parked."""
+    ctl = cpu.ctl
+    ctl.fetch_add32(PARKED, 1)
+    try:
+        while ctl.load32(QUIESCE) and not ctl.load32(STOP):
+            cpu.futex_sleep(ctl, QUIESCE, 1, 50_000_000)
+    finally:
+        ctl.fetch_add32(PARKED, -1)
 
 
 class Role:

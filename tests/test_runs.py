@@ -52,6 +52,16 @@ def test_injected_bug_is_caught(tmp_path, case):
     assert {x["strategy"] for x in v} == {case.strategy}
 
 
+def test_quiescent_points_check_the_invariants_mid_run(tmp_path):
+    """The driver parks every CPU between operations once a second and checks refcounts,
+    mappings and the free poison: a leaked folio is reported while the run goes on."""
+    meta, _ = run(tmp_path, strategy="ptl-hold", order=4, duration_s=4.0, quiesce_s=0.5, cpus={"app": 1, "khugepaged": 1}, inject_bugs=("ptl-hold-unlocked-copy",), unsafe=True, chaos=True, workload="hotset", nr_pmds=1)
+    assert meta["quiescent_checks"] >= 3
+    assert any(v["phase"] == "quiescent" for v in meta["violations"]), meta["summary"]
+    clean, _ = run(tmp_path, strategy="ptl-hold", order=4, duration_s=2.0, quiesce_s=0.5, cpus={"app": 1, "khugepaged": 1})
+    assert clean["quiescent_checks"] >= 2 and clean["violations"] == []
+
+
 KNOWN = [c for c in check_cases() if set(c.bugs) & {"gup-fast-no-pmd-recheck", "no-sync-ipi"}]
 
 
