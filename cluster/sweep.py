@@ -54,7 +54,13 @@ from ptlab.cluster.grid import Cell, SweepSpec, cpus_label, expand
 from ptlab.cluster.shmclean import sweep_shm
 from ptlab.core.config import RunConfig
 from ptlab.core.errors import ConfigError, PtlabError
-from ptlab.core.results import METADATA_KEY, ResultFileError, read_run, write_table
+from ptlab.core.results import (
+    METADATA_KEY,
+    ResultFileError,
+    atomic_write_bytes,
+    read_run,
+    write_table,
+)
 
 MANIFEST = "manifest.json"
 CELLS_DIR = "cells"
@@ -948,29 +954,12 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def _atomic_bytes(path: Path, data: bytes, check: Callable[[Path], Any] | None = None) -> Any:
-    """Write ``data`` so that ``path`` appears whole or not at all (temp file in the same
-    directory, fsync, rename).  ``check(temp_path)`` runs before the rename; what it returns is
-    returned, and if it raises, nothing is renamed."""
+    """Write ``data`` so that ``path`` appears whole or not at all, readable by others (the
+    results are for sharing); ``check(temp_path)`` runs before the rename."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic_write_bytes(path, data, check=check, mode=_FILE_MODE)
     except OSError as e:
-        raise ResultFileError(f"cannot write to {path.parent}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        result = check(Path(tmp)) if check else None
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are for sharing
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ResultFileError(f"cannot write {path}: {e.strerror}") from None
-        raise
-    return result
+        raise ResultFileError(f"cannot write {path}: {e.strerror}") from None
 
 
 # Columns the merged dataset adds to every event: the cell's grid coordinates, so a query can

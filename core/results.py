@@ -177,12 +177,18 @@ def _json_default(o: Any) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Any]:
+def atomic_output(
+    path: str | os.PathLike[str],
+    *,
+    before_rename: Callable[[Path], None] | None = None,
+    mode: int | None = None,
+) -> Iterator[Any]:
     """Open ``path`` for writing (binary) so that it appears whole or not at all.
 
-    Writes go to a hidden temp file in the same directory, which is fsynced and renamed over
-    ``path`` when the block ends normally, and removed if it raises (even KeyboardInterrupt).
-    Raises ResultFileError when the directory cannot be created or written.
+    Writes go to a hidden temp file in the same directory, which is fsynced, checked by
+    ``before_rename(temp_path)`` if given, chmod'ed to ``mode`` if given, and renamed over
+    ``path`` when the block ends normally; it is removed if anything raises (even
+    KeyboardInterrupt).  Raises ResultFileError when the directory cannot be created or written.
     """
     path = Path(path)
     try:
@@ -195,20 +201,36 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(Path(tmp))
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see atomic_output)."""
-    with atomic_output(path) as f:
+def atomic_write_bytes(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    check: Callable[[Path], Any] | None = None,
+    mode: int | None = None,
+) -> Any:
+    """Write ``data`` to ``path`` atomically (see atomic_output).  ``check(temp_path)`` runs
+    before the rename; its result is returned (else the path), and if it raises nothing is
+    renamed."""
+    out: list[Any] = [Path(path)]
+
+    def before(tmp: Path) -> None:
+        if check is not None:
+            out[0] = check(tmp)
+
+    with atomic_output(path, before_rename=before, mode=mode) as f:
         f.write(data)
-    return Path(path)
+    return out[0]
 
 
 def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
