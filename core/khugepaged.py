@@ -292,12 +292,17 @@ def scan_pmd(cpu: CpuContext, start: int, order: int) -> str:
 
 
 def collapse_range(cpu: CpuContext, strategy: object, start: int, order: int) -> tuple[str, dict[str, int]]:
-    """Run one collapse with a strategy; counts the collapse as in flight for other CPUs'
-    during_collapse flag."""
+    """Allocate the target folio and run one collapse with a strategy; counts the collapse as
+    in flight for other CPUs' during_collapse flag."""
     c = Collapse(cpu=cpu, start=start, order=order)
     cpu.ctl.fetch_add32(COLLAPSING, 1)
     try:
-        result = strategy.collapse(c)  # type: ignore[attr-defined]
+        # every strategy allocates first, outside any lock: "The allocation can take
+        # potentially a long time if it involves sync compaction" (collapse_huge_page)
+        c.phase("lock")
+        result = c.alloc_target()
+        if result == "SCAN_SUCCEED":
+            result = strategy.collapse(c)  # type: ignore[attr-defined]
     finally:
         c.end_phases()
         cpu.ctl.fetch_add32(COLLAPSING, -1)

@@ -30,11 +30,7 @@ NAME = "migration-entry"
 
 
 def collapse(c: Collapse) -> str:
-    cpu, m = c.cpu, c.m
-    c.phase("lock")
-    result = c.alloc_target()
-    if result != "SCAN_SUCCEED":
-        return result
+    cpu, m = c.cpu, c.m  # step 1, allocating c.target outside any lock, ran in collapse_range()
     m.mmap_lock.down_read(cpu)  # the VMA must stay stable for the whole collapse
     try:
         result = c.revalidate()

@@ -35,12 +35,7 @@ NAME = "pmd-clear"
 
 
 def collapse(c: Collapse) -> str:
-    cpu, m = c.cpu, c.m
-    c.phase("lock")
-    # step 1: allocate outside any lock ("can take potentially a long time")
-    result = c.alloc_target()
-    if result != "SCAN_SUCCEED":
-        return result
+    cpu, m = c.cpu, c.m  # step 1, allocating c.target outside any lock, ran in collapse_range()
     read_lock = "pmd-clear-read-lock" in c.bugs
     # step 2: mmap_write_lock: "Prevent all access to pagetables with the exception of gup_fast
     # later handled by the ptep_clear_flush and the VM handled by the anon_vma lock + PG_lock."
