@@ -223,7 +223,7 @@ class Machine:
 
     def alloc_pte_table(self, cpu: CpuContext) -> int:
         """pte_alloc_one(): a zeroed PTE table from the pool (under page_table_lock)."""
-        self.page_table_lock.lock(cpu)
+        self.page_table_lock.lock(cpu)  # mm->page_table_lock: the table pool
         try:
             t = self.ctl.fetch_add32(NEXT_TABLE, 1)
         finally:
@@ -243,7 +243,7 @@ class Machine:
             t = self.alloc_pte_table(cpu)
             if t < 0:
                 return -1
-            self.pmd_lock.lock(cpu)
+            self.pmd_lock.lock(cpu)  # pmd_install(): one installer wins
             try:
                 if self.pmdp_get(i) == 0:
                     self.set_pmd(i, pmd_mk_table(t))  # pmd_install

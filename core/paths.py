@@ -289,7 +289,7 @@ def migration_entry_wait(cpu: CpuContext, t: int, idx: int) -> str:
     PG_locked waitqueue, drop the PTL and sleep until the folio is unlocked; then retry."""
     m = cpu.m
     ptl = m.ptl(t)
-    ptl.lock(cpu)
+    ptl.lock(cpu)  # the entry cannot be removed (remove_migration_ptes) while we look at it
     pte = m.ptep_get(t, idx)
     if not is_migration_entry(pte):
         ptl.unlock(cpu)
@@ -359,7 +359,7 @@ def gup_slow(cpu: CpuContext, vpn: int) -> tuple[int, int]:
             pmd = m.pmdp_get(i)
             if pmd & _PRESENT:
                 if pmd_trans_huge(pmd):  # follow_huge_pmd() under the PMD lock
-                    m.pmd_lock.lock(cpu)
+                    m.pmd_lock.lock(cpu)  # excludes split_huge_pmd and the collapse's install
                     try:
                         if m.pmdp_get(i) == pmd:
                             pfn = (pmd >> 12) + idx
@@ -481,7 +481,7 @@ def do_mmap(cpu: CpuContext, slot: int) -> None:
 def do_munmap(cpu: CpuContext, slot: int) -> None:
     """munmap(): mmap_write_lock, vma_start_write, unmap_region (zap + free), remove the VMA."""
     m = cpu.m
-    m.mmap_lock.down_write(cpu)
+    m.mmap_lock.down_write(cpu)  # the VMA tree changes: excludes every mmap_lock reader
     try:
         m.vma_locks[slot].vma_start_write(cpu, mm_lock_seq(cpu))  # excludes per-VMA-lock faults
         start, end = churn_slot_range(m, slot)
@@ -495,14 +495,14 @@ def do_mprotect(cpu: CpuContext, slot: int) -> None:
     """mprotect(): mmap_write_lock, vma_start_write, change_protection() under the PTL + flush
     (protection is left as it was: the cost of the locking is what is measured)."""
     m = cpu.m
-    m.mmap_lock.down_write(cpu)
+    m.mmap_lock.down_write(cpu)  # vm_flags change: excludes every mmap_lock reader
     try:
-        m.vma_locks[slot].vma_start_write(cpu, mm_lock_seq(cpu))
+        m.vma_locks[slot].vma_start_write(cpu, mm_lock_seq(cpu))  # excludes per-VMA-lock faults
         start, end = churn_slot_range(m, slot)
         pmd = m.pmdp_get(start >> 9)
         if pmd & _PRESENT and not pmd_trans_huge(pmd):
             ptl = m.ptl(pmd >> 12)
-            ptl.lock(cpu)
+            ptl.lock(cpu)  # change_pte_range(): PTEs change only under the PTL
             try:
                 cpu.flush_tlb_range(start, end)
             finally:

@@ -40,9 +40,9 @@ def collapse(c: Collapse) -> str:
     # step 2: mmap_write_lock: "Prevent all access to pagetables with the exception of gup_fast
     # later handled by the ptep_clear_flush and the VM handled by the anon_vma lock + PG_lock."
     if read_lock:
-        m.mmap_lock.down_read(cpu)
+        m.mmap_lock.down_read(cpu)  # the bug: faults and page-table walkers are not excluded
     else:
-        m.mmap_lock.down_write(cpu)
+        m.mmap_lock.down_write(cpu)  # excludes faults, GUP-slow, mmap()/munmap() of the whole mm
     try:
         result = c.hugepage_vma_revalidate()
         if result != "SCAN_SUCCEED":
@@ -81,7 +81,7 @@ def collapse(c: Collapse) -> str:
                 ptl.unlock(cpu)
             if result != "SCAN_SUCCEED":
                 # re-attach the old table unchanged
-                m.pmd_lock.lock(cpu)
+                m.pmd_lock.lock(cpu)  # pmd_populate() under the PMD lock
                 m.set_pmd(c.i, pmd)
                 m.pmd_lock.unlock(cpu)
                 c.free_target()
@@ -106,7 +106,7 @@ def collapse(c: Collapse) -> str:
                 # map_anon_folio_pte_nopf() into the detached table, then pmd_populate()
                 m.folio_add_new_anon_rmap(c.target, c.nr)
                 m.set_ptes(c.t, c.first, c.new_ptes())
-                m.pmd_lock.lock(cpu)
+                m.pmd_lock.lock(cpu)  # pmd_populate() under the PMD lock
                 m.set_pmd(c.i, pmd_mk_table(c.t))  # smp_wmb(): PTEs visible before the PMD
                 m.pmd_lock.unlock(cpu)
             c.target = -1

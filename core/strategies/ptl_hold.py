@@ -80,7 +80,7 @@ def collapse(c: Collapse) -> str:
                     locked = False
                 c.copy(ptes)
                 if not locked:
-                    ptl.lock(cpu)
+                    ptl.lock(cpu)  # back for the re-insert (the bug left the range open meanwhile)
                     locked = True
             # step 4: install the new folio's PTEs
             c.phase("install")
