@@ -89,7 +89,6 @@ class RunConfig:
     quiesce_s: float = 1.0  # check the invariants at a quiescent point this often (0: only at the end)
     mthp_fault_order: int = 0  # >0: faults on an all-none range may allocate this order
     zap_pages: int = 8  # pages per MADV_DONTNEED
-    mix: str = ""  # a named role mix from ptlab.workloads (overrides cpus when set)
 
     def __post_init__(self) -> None:
         validate(self)
