@@ -69,7 +69,7 @@ import pyarrow as pa
 from ptlab.core import _prims
 from ptlab.core._prims import Region, now_ns
 from ptlab.core.config import RunConfig
-from ptlab.core.cpu import CpuContext
+from ptlab.core.cpu import CpuContext, attached_cpu
 from ptlab.core.errors import ConfigError, RunFailed
 from ptlab.core.layout import MM_CPUMASK
 from ptlab.core.machine import Machine
@@ -375,22 +375,15 @@ def _spawn() -> Any:
 
 def _child(job: str, prefix: str, scratch_prefix: str, config: dict[str, Any], cpu_id: int, pin: int | None, args: dict[str, Any]) -> None:
     """Entry point of a calibration child: attach, register as CPU ``cpu_id``, run ``job``."""
-    if pin is not None:
-        os.sched_setaffinity(0, {pin})
-    cfg = RunConfig.from_dict(config)
-    m = Machine.attach(cfg, prefix)
     scratch = Namespace.attach(scratch_prefix, SCRATCH)
     try:
-        cpu = CpuContext(m, cpu_id, "app", cfg, capacity=1)
-        cpu.register()
-        try:
-            _JOBS[job](m, cpu, scratch["scratch"], **args)
-        finally:
-            cpu.leave_cpumask()
-            cpu.rec.close()
+        with attached_cpu(RunConfig.from_dict(config), prefix, cpu_id, pin_core=pin) as cpu:
+            try:
+                _JOBS[job](cpu.m, cpu, scratch["scratch"], **args)
+            finally:
+                cpu.leave_cpumask()
     finally:
         scratch.close()
-        m.close()
 
 
 def _barrier(s: Region, parties: int, generation: int) -> None:

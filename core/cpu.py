@@ -18,8 +18,10 @@ TLB and shootdown (DESIGN.md "TLB and shootdowns"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 from ptlab.core._prims import now_ns
@@ -392,3 +394,21 @@ class CpuContext:
             until = now_ns() + self.rng.randrange(2_000, 60_000)
             while now_ns() < until:
                 self.interrupt_point()
+
+
+@contextlib.contextmanager
+def attached_cpu(config: RunConfig, prefix: str, cpu_id: int, role: str = "app", pin_core: int | None = None, capacity: int = 1) -> Iterator[CpuContext]:
+    """From another process: pin to ``pin_core`` (if given), attach to the machine ``prefix``
+    and register as CPU ``cpu_id`` (pid, mm_cpumask); unmaps everything on exit."""
+    if pin_core is not None:
+        os.sched_setaffinity(0, {pin_core})
+    m = Machine.attach(config, prefix)
+    try:
+        cpu = CpuContext(m, cpu_id, role, config, capacity=capacity)
+        try:
+            cpu.register()
+            yield cpu
+        finally:
+            cpu.rec.close()
+    finally:
+        m.close()

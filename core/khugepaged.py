@@ -51,7 +51,6 @@ class Collapse:
     first: int = 0  # index of the first PTE in its table
     t: int = -1  # PTE table
     target: int = -1  # head pfn of the new folio
-    saved: np.ndarray | None = None  # original PTEs (for restore and copy)
     heads: list[int] = field(default_factory=list)  # old folios, locked and isolated
     phase_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     _t: int = 0
@@ -91,6 +90,7 @@ class Collapse:
         return "SCAN_SUCCEED" if self.target >= 0 else "SCAN_ALLOC_HUGE_PAGE_FAIL"
 
     def free_target(self) -> None:
+        """Give an unused target folio back (a no-op once it is installed: target == -1)."""
         if self.target >= 0:
             self.m.folio_put(self.cpu, self.target)
             self.target = -1
@@ -113,13 +113,10 @@ class Collapse:
         return "SCAN_SUCCEED"
 
     def revalidate(self) -> str:
-        """hugepage_vma_revalidate() + check_pmd_still_valid() after retaking mmap_lock; on
-        failure the target folio is given back."""
+        """hugepage_vma_revalidate() + check_pmd_still_valid() after retaking mmap_lock."""
         result = self.hugepage_vma_revalidate()
         if result == "SCAN_SUCCEED":
             result = self.check_pmd_still_valid()
-        if result != "SCAN_SUCCEED":
-            self.free_target()
         return result
 
     def read_ptes(self) -> np.ndarray:
@@ -303,6 +300,8 @@ def collapse_range(cpu: CpuContext, strategy: object, start: int, order: int) ->
         result = c.alloc_target()
         if result == "SCAN_SUCCEED":
             result = strategy.collapse(c)  # type: ignore[attr-defined]
+        if result != "SCAN_SUCCEED":
+            c.free_target()  # out_nolock: every back-off gives the new folio back, locks dropped
     finally:
         c.end_phases()
         cpu.ctl.fetch_add32(COLLAPSING, -1)

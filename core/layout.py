@@ -53,11 +53,11 @@ VM_INUSE, VM_HUGEPAGE, VM_WRITE, VM_ORACLE = 1, 2, 4, 8
 
 # ---- CPU struct ----------------------------------------------------------------------------------
 # +0 pid, +8 ipi_req, +16 ipi_ack, +24 ipi_start, +32 ipi_end, +40 progress, +48 ipi_flag i32,
-# +52 state i32, +56 waiting-on lock id i32, +60 irq_off i32, +64 role i32, +68 alive i32,
+# +52 state i32, +56 waiting-on lock id i32, +60 irq_off i32, +68 alive i32,
 # +72 in_access i32
 CPU_SIZE = 2 * LINE
 CPU_PID, CPU_IPI_REQ, CPU_IPI_ACK, CPU_IPI_START, CPU_IPI_END, CPU_PROGRESS = 0, 8, 16, 24, 32, 40
-CPU_IPI_FLAG, CPU_STATE, CPU_WAITING, CPU_IRQ_OFF, CPU_ROLE, CPU_ALIVE = 48, 52, 56, 60, 64, 68
+CPU_IPI_FLAG, CPU_STATE, CPU_WAITING, CPU_IRQ_OFF, CPU_ALIVE = 48, 52, 56, 60, 68
 CPU_IN_ACCESS = 72  # i32: 1 from a TLB hit until the load/store through it has landed
 
 # CPU_STATE values (for the watchdog's dump)
@@ -192,40 +192,8 @@ def pte_mk_migration(pte):  # type: ignore[no-untyped-def]
     return (pte & ~_PRESENT) | _MIGRATION
 
 
-def pte_from_migration(entry: int, pfn: int | None = None) -> int:
-    """Rebuild a present PTE from a migration entry (remove_migration_ptes), optionally at a new pfn."""
-    bits = entry & (_WRITE | _DIRTY | _YOUNG)
-    if pfn is None:
-        pfn = entry >> PFN_SHIFT
-    return (pfn << PFN_SHIFT) | _PRESENT | bits
-
-
-def pte_present(pte: int) -> bool:
-    return bool(pte & _PRESENT)
-
-
-def pte_none(pte: int) -> bool:
-    return pte == 0
-
-
 def is_migration_entry(pte: int) -> bool:
     return bool(pte & _MIGRATION) and not pte & _PRESENT
-
-
-def pte_pfn(pte: int) -> int:
-    return pte >> PFN_SHIFT
-
-
-def pte_write(pte: int) -> bool:
-    return bool(pte & _WRITE)
-
-
-def pte_young(pte: int) -> bool:
-    return bool(pte & _YOUNG)
-
-
-def pte_dirty(pte: int) -> bool:
-    return bool(pte & _DIRTY)
 
 
 def pmd_mk_table(table: int) -> int:
@@ -236,13 +204,5 @@ def pmd_mk_huge(pfn: int, write: bool = True) -> int:
     return (pfn << PFN_SHIFT) | _PRESENT | _HUGE | (_WRITE if write else 0)
 
 
-def pmd_none(pmd: int) -> bool:
-    return pmd == 0
-
-
 def pmd_trans_huge(pmd: int) -> bool:
     return bool(pmd & _PRESENT) and bool(pmd & _HUGE)
-
-
-def pmd_table(pmd: int) -> int:
-    return pmd >> PFN_SHIFT

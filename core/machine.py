@@ -32,7 +32,6 @@ from ptlab.core.layout import (
     NEXT_TABLE,
     PG_ANON,
     PG_BUDDY,
-    PG_ISOLATED,
     PG_LOCKED,
     PG_LRU,
     POISON_FREE,
@@ -196,8 +195,6 @@ class Machine:
     def pmdp_get_and_clear(self, pmd_index: int) -> int:
         return self.pt.xchg64(pmd_index * 8, 0)
 
-    def pte_off(self, table: int, index: int) -> int:
-        return self.L.pte(table, index)
 
     def ptep_get(self, table: int, index: int) -> int:
         return self.pt.load64(self.L.tables_base + (table * PTRS_PER_PTE + index) * 8)
@@ -462,8 +459,3 @@ class Machine:
 
     def clear_page(self, pfn: int) -> None:
         self.frames.fill64(pfn * self.page_size, self.words_per_page, 0)
-
-
-def folio_flag_names(flags: int) -> str:
-    names = [(PG_LOCKED, "locked"), (PG_LRU, "lru"), (PG_ISOLATED, "isolated"), (PG_ANON, "anon"), (PG_BUDDY, "buddy")]
-    return "|".join(n for b, n in names if flags & b) or "-"

@@ -24,7 +24,6 @@ from ptlab.core.layout import (
     _YOUNG,
     MM_LOCK_SEQ,
     VM_INUSE,
-    VM_ORACLE,
     VM_WRITE,
     is_migration_entry,
     pmd_mk_table,
@@ -509,10 +508,6 @@ def do_mprotect(cpu: CpuContext, slot: int) -> None:
                 ptl.unlock(cpu)
     finally:
         mmap_write_unlock(cpu)
-
-
-def vma_is_oracle(m: Machine, vma: int) -> bool:
-    return bool(m.vma_range(vma)[2] & VM_ORACLE)
 
 
 __all__ = [

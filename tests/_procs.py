@@ -13,7 +13,6 @@ fetch-add on the entry count, and a test compares the sequence with the one it e
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 
 from ptlab.core._prims import Region, now_ns
 from ptlab.core.config import RunConfig
-from ptlab.core.cpu import CpuContext
+from ptlab.core.cpu import CpuContext, attached_cpu
 from ptlab.core.layout import MM_CPUMASK, STOP
 from ptlab.core.machine import Machine
 from ptlab.core.shm import Namespace
@@ -65,21 +64,12 @@ def read_log(aux: Region) -> list[str]:
 
 def _entry(fn: Callable[..., None], prefix: str, aux_prefix: str, config: dict[str, Any], cpu_id: int, pin: int | None, args: tuple[Any, ...]) -> None:
     """A child CPU: attach, register (pid, mm_cpumask), run fn(m, cpu, aux, *args), detach."""
-    if pin is not None:
-        os.sched_setaffinity(0, {pin})
-    cfg = RunConfig.from_dict(config)
-    m = Machine.attach(cfg, prefix)
     ns = Namespace.attach(aux_prefix, AUX)
     try:
-        cpu = CpuContext(m, cpu_id, "app", cfg, capacity=1)
-        cpu.register()
-        try:
-            fn(m, cpu, ns["aux"].region, *args)
-        finally:
-            cpu.rec.close()
+        with attached_cpu(RunConfig.from_dict(config), prefix, cpu_id, pin_core=pin) as cpu:
+            fn(cpu.m, cpu, ns["aux"].region, *args)
     finally:
         ns.close()
-        m.close()
 
 
 class Lab:

@@ -40,19 +40,15 @@ def collapse(c: Collapse) -> str:
         ptl.lock(cpu)  # the unmap: PTEs change only under it
         try:
             if m.pmdp_get(c.i) >> 12 != c.t:
-                c.free_target()
                 return "SCAN_PMD_NULL"
             c.phase("refcheck")
             ptes = c.read_ptes()
             # folio_trylock + isolate (the folios stay locked to the end)
             result = c.isolate(ptes, check_refs="migration-no-refcheck" not in c.bugs)
             if result != "SCAN_SUCCEED":
-                c.free_target()
                 return result
-            c.saved = ptes
             if "migration-refcheck-before-unmap" in c.bugs and c.refs_unexpected():
                 c.release_isolated()
-                c.free_target()
                 return "SCAN_PAGE_COUNT"
             cpu.chaos("collapse_before_unmap")
             # invalidate: each present PTE becomes a migration entry at once (never pte_none,
@@ -69,7 +65,6 @@ def collapse(c: Collapse) -> str:
                 if c.refs_unexpected():  # folio_maybe_dma_pinned() / expected refcount
                     m.set_ptes(c.t, c.first, ptes)  # remove_migration_ptes(src, src)
                     c.release_isolated()
-                    c.free_target()
                     return "SCAN_PAGE_COUNT"
         finally:
             ptl.unlock(cpu)
@@ -84,11 +79,12 @@ def collapse(c: Collapse) -> str:
         try:
             # an entry zapped during the copy stays none; a hole refilled by a fault stays
             # the fault's; everything else gets the new folio's page
-            ours = m.ptes_range(c.t, c.first, c.nr) == entries
+            now = m.ptes_range(c.t, c.first, c.nr)
+            ours = now == entries
             nslots = int(ours.sum())
             if nslots:
                 m.folio_add_new_anon_rmap(c.target, nslots)  # before the PTEs are visible
-                m.set_ptes(c.t, c.first, np.where(ours, c.new_ptes(), m.ptes_range(c.t, c.first, c.nr)))
+                m.set_ptes(c.t, c.first, np.where(ours, c.new_ptes(), now))
         finally:
             ptl.unlock(cpu)
         if not nslots:

@@ -46,13 +46,11 @@ def collapse(c: Collapse) -> str:
     try:
         result = c.hugepage_vma_revalidate()
         if result != "SCAN_SUCCEED":
-            c.free_target()
             return result
         if not read_lock:
             m.vma_locks[0].vma_start_write(cpu, mm_lock_seq(cpu))  # excludes per-VMA-lock faults
         result = c.check_pmd_still_valid()
         if result != "SCAN_SUCCEED":
-            c.free_target()
             return result
         m.anon_vma.down_write(cpu)  # excludes rmap walkers (reclaim, migration, compaction)
         anon_locked = True
@@ -75,7 +73,6 @@ def collapse(c: Collapse) -> str:
             ptl.lock(cpu)  # pte_offset_map_lock() on the detached table
             try:
                 ptes = c.read_ptes()
-                c.saved = ptes
                 result = c.isolate(ptes)
             finally:
                 ptl.unlock(cpu)
@@ -84,7 +81,6 @@ def collapse(c: Collapse) -> str:
                 m.pmd_lock.lock(cpu)  # pmd_populate() under the PMD lock
                 m.set_pmd(c.i, pmd)
                 m.pmd_lock.unlock(cpu)
-                c.free_target()
                 return result
             if c.order == 9:
                 # "All pages are isolated and locked so anon_vma rmap can't run anymore."

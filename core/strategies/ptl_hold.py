@@ -42,15 +42,12 @@ def collapse(c: Collapse) -> str:
         locked = True
         try:
             if m.pmdp_get(c.i) >> 12 != c.t:
-                c.free_target()
                 return "SCAN_PMD_NULL"
             c.phase("refcheck")
             ptes = c.read_ptes()
             result = c.isolate(ptes)
             if result != "SCAN_SUCCEED":
-                c.free_target()
                 return result
-            c.saved = ptes  # the temporary copy of the original PTEs
             if "rfc-v1" in c.bugs:
                 # RFC v1: copy first under the PTL, then clear + set_ptes, no flush
                 c.phase("copy")
@@ -71,7 +68,6 @@ def collapse(c: Collapse) -> str:
                 if c.refs_unexpected():
                     m.set_ptes(c.t, c.first, ptes)
                     c.release_isolated()
-                    c.free_target()
                     return "SCAN_PAGE_COUNT"
                 # step 3: copy, the PTL still held (unless the bug drops it)
                 c.phase("copy")
