@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ptlab.core._prims import now_ns
@@ -97,6 +97,9 @@ class CpuContext:
         self.rec = Recorder(capacity, max(1000, capacity // 20))
         self.stats: dict[str, int] = {"ipis_serviced": 0, "tlb_flush_all": 0, "sleeps": 0}
         self._progress = 0
+        # test hooks: point name -> callable run when this CPU passes ``chaos(point)``; the
+        # in-process stepper (tests/_stepper.py) parks a CPU here to force an interleaving
+        self.hooks: dict[str, Callable[[], None]] = {}
 
     # ------------------------------------------------------------------ registration
     def register(self) -> None:
@@ -389,7 +392,12 @@ class CpuContext:
             )
 
     def chaos(self, point: str) -> None:
-        """Widen a race window at a named point (a short random delay, like fault injection)."""
+        """Widen a race window at a named point (a short random delay, like fault injection);
+        a test hook registered for the point runs first."""
+        if self.hooks:
+            hook = self.hooks.get(point)
+            if hook is not None:
+                hook()
         if self.chaos_on and self.rng.random() < 0.3:
             until = now_ns() + self.rng.randrange(2_000, 60_000)
             while now_ns() < until:

@@ -60,7 +60,7 @@ def ray_local():
             num_cpus=max(2, os.cpu_count() or 2),
             object_store_memory=256 * 1024 * 1024,
             include_dashboard=False,
-            _node_ip_address="127.0.0.2",
+            _node_ip_address=os.environ.get("PTLAB_TEST_RAY_IP", "127.0.0.2"),
             log_to_driver=False,
         )
     yield ray
