@@ -4,16 +4,26 @@ points, its sleeps, its accounting, its event recorder and its oracle state.
 TLB and shootdown (DESIGN.md "TLB and shootdowns"):
   - the TLB is private (a dict vpn -> pfn << 1 | writable, FIFO-evicted at ``tlb_entries``); a
     hit reads and writes the frame directly, without any lock — exactly why a collapse flushes;
+  - the mm carries a flush generation (x86's mm->context.tlb_gen) that every flush bumps before
+    it sends anything (inc_mm_tlb_gen), and each CPU remembers the generation its TLB has caught
+    up to (cpu_tlbstate.ctxs[].tlb_gen);
   - ``flush_tlb_range`` in ``ipi`` mode merges the range into each target's mailbox (atomic
-    min/max), bumps its request sequence, raises its IPI flag and waits for every ack; a target
-    acks at its interrupt points (between accesses, inside spin loops, while itself waiting for
-    acks), unless its IRQs are off (GUP-fast), in which case the ack waits for local_irq_enable;
+    min/max, with the highest requested generation), raises its IPI flag and waits for every ack;
+    a target services it at its interrupt points (between accesses, inside spin loops, while
+    itself waiting for acks) with x86's flush_tlb_func() rule: nothing if already up to date, a
+    partial flush of the range only when this one request takes it exactly one generation
+    forward to the mm's, else a full flush — unless its IRQs are off (GUP-fast), in which case
+    the ack waits for local_irq_enable;
   - in ``broadcast`` mode (arm64 TLBI, AMD INVLPGB) the flusher publishes the range in a ring and
     does not wait: every access checks the ring generation first, IRQs off or not, so the
     entries die without the target's cooperation and GUP-fast is *not* quiesced;
-  - a CPU about to sleep leaves mm_cpumask and drops its whole TLB (lazy TLB), acking anything
-    pending; it rejoins on wake-up.  A flusher stops waiting for a CPU that left the mask, so a
-    flush never waits on a sleeper.
+  - a CPU about to sleep goes lazy (x86): it leaves the flush targets (tlb_is_not_lazy() makes
+    flushers skip it) but *keeps* its TLB entries; when it runs the mm again
+    (switch_mm_irqs_off) it compares its generation with the mm's and flushes everything only if
+    it is behind.  A flush that never happened therefore leaves stale translations alive across
+    sleeps, where the oracle can see them;
+  - a kernel thread (khugepaged) never runs the mm's user half: it is never in mm_cpumask, never
+    the target of a flush, and its own flushes do no local flush.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from ptlab.core.layout import (
     CPU_IPI_ACK,
     CPU_IPI_END,
     CPU_IPI_FLAG,
+    CPU_IPI_GEN,
+    CPU_IPI_NGEN,
     CPU_IPI_REQ,
     CPU_IPI_START,
     CPU_IRQ_OFF,
@@ -46,6 +58,7 @@ from ptlab.core.layout import (
     CPU_STATE,
     CPU_WAITING,
     MM_CPUMASK,
+    MM_TLB_GEN,
     ST_IPI_WAIT,
     ST_RUN,
     STOP,
@@ -83,7 +96,10 @@ class CpuContext:
         self.ctl = m.ctl
         self.tlb: dict[int, int] = {}
         self.tlb_entries = tlb_entries
-        self.tlb_gen = self.ctl.load64(TLB_GEN)
+        self.tlb_gen = self.ctl.load64(TLB_GEN)  # broadcast ring generation applied
+        self.local_gen = self.ctl.load64(MM_TLB_GEN)  # flush generation this TLB is up to date with
+        # khugepaged is a kernel thread: not in mm_cpumask, no flush IPIs, no user TLB entries
+        self.kthread = role == "khugepaged"
         self.irqs_off = False
         self.spin_ns = 0
         self.sleep_ns = 0
@@ -111,13 +127,30 @@ class CpuContext:
         self.join_cpumask()
 
     def join_cpumask(self) -> None:
-        self.ctl.fetch_or64(MM_CPUMASK, 1 << self.id)  # full barrier: before any page-table read
+        """switch_mm_irqs_off() back into the mm: rejoin the flush targets (a full barrier before
+        any page-table read), then catch up if a flush happened while we were lazy."""
+        if self.kthread:
+            return
+        self.ctl.fetch_or64(MM_CPUMASK, 1 << self.id)
+        if not self.broadcast:
+            mm_gen = self.ctl.load64(MM_TLB_GEN)
+            if self.local_gen < mm_gen:
+                self.tlb_flush_all()
+                self.local_gen = mm_gen
 
     def leave_cpumask(self) -> None:
+        """Go lazy (enter_lazy_tlb): flushers stop targeting this CPU, but its TLB keeps its
+        entries.  A request already posted is serviced first, so no flusher waits on a sleeper."""
+        if self.kthread:
+            return
         self.ctl.fetch_and64(MM_CPUMASK, ~(1 << self.id))
+        if self.ctl.load32(self.ipi_flag_off):
+            self.service_ipi()
+        self.stats["lazy"] = self.stats.get("lazy", 0) + 1
+
+    def tlb_flush_all(self) -> None:
         self.tlb.clear()
         self.stats["tlb_flush_all"] += 1
-        self._ack_all()
 
     # ------------------------------------------------------------------ interrupts
     def interrupt_point(self) -> None:
@@ -126,22 +159,32 @@ class CpuContext:
             self.service_ipi()
 
     def service_ipi(self) -> None:
+        """The IPI handler: flush_tlb_func() with x86's generation rule, then ack."""
         ctl, b = self.ctl, self.base
         ctl.store32(b + CPU_IPI_FLAG, 0)
         req = ctl.load64(b + CPU_IPI_REQ)
         start = ctl.xchg64(b + CPU_IPI_START, NO_RANGE_START)
         end = ctl.xchg64(b + CPU_IPI_END, -1)
+        new_gen = ctl.xchg64(b + CPU_IPI_GEN, 0)
+        nreq = ctl.xchg64(b + CPU_IPI_NGEN, 0)
         if start <= end:
-            self.tlb_drop(start, end)
+            self.flush_tlb_func(start, end, new_gen if nreq == 1 else -1)
         ctl.store64(b + CPU_IPI_ACK, req)
         self.stats["ipis_serviced"] += 1
 
-    def _ack_all(self) -> None:
-        ctl, b = self.ctl, self.base
-        ctl.store32(b + CPU_IPI_FLAG, 0)
-        ctl.store64(b + CPU_IPI_START, NO_RANGE_START)
-        ctl.store64(b + CPU_IPI_END, -1)
-        ctl.store64(b + CPU_IPI_ACK, ctl.load64(b + CPU_IPI_REQ))
+    def flush_tlb_func(self, start: int, end: int, new_gen: int) -> None:
+        """flush_tlb_func() (arch/x86/mm/tlb.c): nothing when already up to date; a partial
+        flush only when this request takes us from local_gen to the mm's generation in one step
+        (``new_gen`` -1: several requests were merged, so no single one does); else a full
+        flush.  Both bring local_gen to the mm's generation."""
+        mm_gen = self.ctl.load64(MM_TLB_GEN)
+        if self.local_gen >= mm_gen:
+            return
+        if new_gen == self.local_gen + 1 == mm_gen:
+            self.tlb_drop(start, end)
+        else:
+            self.tlb_flush_all()
+        self.local_gen = mm_gen
 
     def local_irq_disable(self) -> None:
         self.irqs_off = True
@@ -185,13 +228,17 @@ class CpuContext:
         self.tlb_gen = gen
 
     def flush_tlb_range(self, start: int, end: int) -> int:
-        """flush_tlb_range(vma, start, end) over vpns [start, end): returns ns until complete."""
+        """flush_tlb_range(vma, start, end) over vpns [start, end) -> flush_tlb_mm_range():
+        inc_mm_tlb_gen(), the local flush (not for a kernel thread), then the remote one.
+        Returns ns until complete."""
         t0 = now_ns()
-        self.tlb_drop(start, end)
+        gen = self.ctl.fetch_add64(MM_TLB_GEN, 1) + 1  # a full barrier after the PTE changes
+        if not self.kthread:
+            self.flush_tlb_func(start, end, gen)
         if self.broadcast:
             self._broadcast(start, end)
         else:
-            self._ipi_and_wait(start, end, self._cpumask_others())
+            self._ipi_and_wait(start, end, self._cpumask_others(), gen)
         return now_ns() - t0
 
     def tlb_remove_table_sync_one(self) -> int:
@@ -232,7 +279,7 @@ class CpuContext:
     def access_end(self) -> None:
         self.ctl.store32(self.base + CPU_IN_ACCESS, 0)
 
-    def _ipi_and_wait(self, start: int, end: int, targets: list[int]) -> None:
+    def _ipi_and_wait(self, start: int, end: int, targets: list[int], gen: int = 0) -> None:
         if not targets:
             return
         ctl, L = self.ctl, self.m.L
@@ -248,6 +295,11 @@ class CpuContext:
                     e = ctl.load64(b + CPU_IPI_END)
                     if e >= end or ctl.cas64(b + CPU_IPI_END, e, end):
                         break
+                while True:  # the highest generation asked for, and how many asked
+                    g = ctl.load64(b + CPU_IPI_GEN)
+                    if g >= gen or ctl.cas64(b + CPU_IPI_GEN, g, gen):
+                        break
+                ctl.fetch_add64(b + CPU_IPI_NGEN, 1)
             want[c] = ctl.fetch_add64(b + CPU_IPI_REQ, 1) + 1
             ctl.store32(b + CPU_IPI_FLAG, 1)
         ctl.store32(self.base + CPU_STATE, ST_IPI_WAIT)
@@ -258,7 +310,7 @@ class CpuContext:
                 mask = ctl.load64(MM_CPUMASK)
                 for c in list(want):
                     b = L.cpu(c)
-                    # a CPU that left mm_cpumask dropped its whole TLB and is idle (not in a walk)
+                    # a CPU that went lazy is idle (not in a walk); it catches up when it returns
                     if ctl.load64(b + CPU_IPI_ACK) >= want[c] or not mask >> c & 1:
                         del want[c]
                 if not want:
@@ -281,8 +333,8 @@ class CpuContext:
 
     # ------------------------------------------------------------------ sleeping
     def futex_sleep(self, region: Any, off: int, expected: int, timeout_ns: int) -> int:
-        """Sleep on a futex word as a CPU going idle: leave mm_cpumask first (dropping the TLB
-        and acking IPIs) and rejoin on wake.  Returns ns asleep."""
+        """Sleep on a futex word as a CPU going idle: go lazy first (leave the flush targets,
+        keep the TLB) and switch back to the mm on wake.  Returns ns asleep."""
         self.leave_cpumask()
         t0 = now_ns()
         region.futex_wait(off, expected, timeout_ns)

@@ -34,6 +34,7 @@ NEXT_TABLE = 48  # i32: PTE-table pool allocation cursor (under page_table_lock)
 COLLAPSE_PHASE = 108  # i32: phase of the collapse in flight (index into PHASES + 1), 0 none
 QUIESCE = 112  # u32 futex: 1 while the driver wants every CPU parked between operations
 PARKED = 116  # u32: CPUs parked at the quiescent point
+MM_TLB_GEN = 120  # i64: the mm's flush generation (x86 mm->context.tlb_gen), bumped by every flush
 BCAST = 128  # BCAST_RING x (start, end) i64 pairs
 HEADER_END = BCAST + BCAST_RING * 16
 
@@ -59,6 +60,8 @@ CPU_SIZE = 2 * LINE
 CPU_PID, CPU_IPI_REQ, CPU_IPI_ACK, CPU_IPI_START, CPU_IPI_END, CPU_PROGRESS = 0, 8, 16, 24, 32, 40
 CPU_IPI_FLAG, CPU_STATE, CPU_WAITING, CPU_IRQ_OFF, CPU_ALIVE = 48, 52, 56, 60, 68
 CPU_IN_ACCESS = 72  # i32: 1 from a TLB hit until the load/store through it has landed
+CPU_IPI_GEN = 80  # i64: highest flush generation requested since the last service (atomic max)
+CPU_IPI_NGEN = 88  # i64: range flushes requested since the last service
 
 # CPU_STATE values (for the watchdog's dump)
 ST_RUN, ST_SPIN, ST_SLEEP, ST_IPI_WAIT, ST_DONE = 0, 1, 2, 3, 4

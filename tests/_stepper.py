@@ -169,6 +169,15 @@ class Stepper:
             raise job.error
         return job.result
 
+    def wait_for(self, pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        """Poll pred until true (a progress condition, not a time limit: the timeout only turns
+        a hang into a failure naming ``what``)."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.0005)
+
     def blocked(self, job: Job, settle_s: float = 0.05) -> bool:
         """True when the job has not finished after settle_s (it sleeps or spins on something)."""
         return not job.done.wait(settle_s)
