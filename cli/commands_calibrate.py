@@ -4,6 +4,11 @@ Measures (ptlab.core.calibrate), prints the table with the project's targets, an
 ``DIR/calibration.arrow``.  An unwritable --out raises ConfigError before anything is measured,
 which ptlab.cli.main turns into one line and exit code 2; a failed measurement raises RunFailed
 (exit code 3).
+
+With --kernel it measures the kernel cost table instead (ptlab.core.calibrate.kernel_costs,
+held by ptlab.core.costs): what each kernel step costs the host kernel, for the virtual clock,
+printed with the source of every entry and written as JSON to --out FILE (default
+results/costs/<hostname>.json).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from ptlab.cli.output import console as _console
+from ptlab.core.errors import ConfigError
 
 _HELP = """\
 Measure each primitive of the simulated machine from Python beside a C reference loop of the same extension, in the same run: atomic load/store/CAS/fetch-add, spinlock pair (the lock class and the raw calls) uncontended and contended by two processes, rwsem pairs, futex wake-to-run p50/p99 between two processes, folio lock pair, 4 KiB and 2 MiB frame copies (reference: memcpy), and the TLB-flush round trip to 1 and 2 target CPU processes.
@@ -21,17 +28,25 @@ ratio = median / C reference median: how many times slower than C the step ran (
 
 Writes DIR/calibration.arrow (columns primitive, unit, median, p99, reference_median, ratio). --quick runs only the in-process subset that every result file embeds (under half a second).
 
-Example:  ptlab calibrate --out results
+With --kernel: the kernel cost table for the virtual clock instead -- what each kernel step costs this host's kernel (a cache-hitting load, an atomic, a cache-line transfer, a 4 KiB copy and clear, a TLB walk, an IPI round trip via membarrier, a futex wake-up, a context switch, a fault, mmap()+munmap(), the LRU drain and the collapse's fixed and per-page work), measured by C loops where user space can time it and cited where it cannot, each with its source.  --kernel-result FILE anchors the fault and collapse entries on a `ptlab kernel` run; --repeat N keeps each measurement's least disturbed of N passes.  Writes --out FILE (default results/costs/<hostname>.json); --quick takes about a second.
+
+Examples:
+
+  ptlab calibrate --out results
+
+  ptlab calibrate --kernel --kernel-result results/kernel/kernel-...-loaded.arrow
 """
 
 
 def _fmt(v: Any) -> str:
-    """ns with three significant digits, µs from 10 µs up; — for none."""
+    """ns in the one number format (ptlab.core.compare.fmt_num), µs from 10 µs up; — for none."""
+    from ptlab.core.compare import fmt_num
+
     if v is None:
         return "—"
     if v >= 10_000:
-        return f"{v / 1000:.1f} µs"
-    return f"{v:.3g} ns" if v < 100 else f"{v:.0f} ns"
+        return f"{fmt_num(v / 1000)} µs"
+    return f"{fmt_num(v)} ns"
 
 
 def render(rows: Sequence[Mapping[str, Any]]) -> Any:
@@ -66,18 +81,75 @@ def render(rows: Sequence[Mapping[str, Any]]) -> Any:
     return t
 
 
-def calibrate(
-    out: Annotated[Path, typer.Option("--out", help="Directory for calibration.arrow (created if missing).")] = Path("results/calibration"),
-    quick: Annotated[bool, typer.Option("--quick", help="Only the in-process subset (no second process; under 0.5 s).")] = False,
-) -> None:
+def render_costs(table: Any) -> Any:
+    """A kernel cost table (core.costs.CostTable) as a rich Table: entry, ns, kind, source."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(
+        title="Kernel cost table: virtual ns charged per kernel step",
+        title_justify="left",
+        caption="measured: timed here by a C loop; cited: a published figure; derived: "
+        "arithmetic over other entries (spelled out in the source).",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    t.add_column("entry", no_wrap=True)
+    t.add_column("ns", justify="right", no_wrap=True)
+    t.add_column("kind", no_wrap=True)
+    t.add_column("source", overflow="fold")  # wraps on a terminal, whole lines when piped
+    style = {"measured": "green", "cited": "yellow", "derived": "cyan"}
+    for name, e in table.entries.items():
+        t.add_row(name, _fmt(e.ns), f"[{style.get(e.kind, '')}]{e.kind}[/]", e.source)
+    return t
+
+
+def _kernel_costs(out: Path | None, quick: bool, kernel_result: Path | None, repeat: int) -> None:
     from ptlab.core import calibrate as cal
-    from rich.console import Console
+    from ptlab.core import costs
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    cal.check_out_dir(out)  # before measuring: a bad --out costs nothing
-    console = Console()
+    if repeat < 1:
+        raise ConfigError(f"--repeat must be at least 1 (got {repeat})")
+    path = costs.resolve_out(out)  # before measuring: a bad --out costs nothing
+    if kernel_result is not None and not kernel_result.exists():
+        raise ConfigError(f"--kernel-result {kernel_result}: no such file")
+    anchor = cal.kernel_result_latencies(kernel_result) if kernel_result is not None else None
+    console = _console()  # results on stdout, never cut when piped; the bar on stderr
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+                  console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("measuring", total=1.0)
+
+        def say(step: str, frac: float) -> None:
+            bar.update(task, description=step, completed=frac)
+
+        table = cal.kernel_costs(quick=quick, progress=say, anchor=anchor, repeat=repeat)
+    console.print(render_costs(table))
+    console.print(f"wrote {costs.write_costs(table, path)}")
+
+
+def calibrate(
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for calibration.arrow (created if missing; default results/calibration); with --kernel the cost table's FILE.json or a directory for it (default results/costs/<hostname>.json).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Only the in-process subset (no second process; under 0.5 s); with --kernel, small samples (about a second).")] = False,
+    kernel: Annotated[bool, typer.Option("--kernel", help="Measure the kernel cost table for the virtual clock instead (see above).")] = False,
+    kernel_result: Annotated[Path | None, typer.Option("--kernel-result", help="With --kernel: a `ptlab kernel` result file whose median fault and collapse anchor fault_entry and the collapse entries.")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="With --kernel: measure N times and keep each measurement's least disturbed pass (on a shared host interference only adds time).")] = 1,
+) -> None:
+    from ptlab.core import calibrate as cal
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if kernel:
+        _kernel_costs(out, quick, kernel_result, repeat)
+        return
+    if kernel_result is not None:
+        raise ConfigError("--kernel-result needs --kernel (it anchors the kernel cost table)")
+    if repeat != 1:
+        raise ConfigError("--repeat needs --kernel (it repeats the kernel cost measurements)")
+    out = Path("results/calibration") if out is None else out
+    cal.check_out_dir(out)  # before measuring: a bad --out costs nothing
+    console = _console()  # results on stdout, never cut when piped; the bar on stderr
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
+                  console=_console(stderr=True), transient=True) as bar:
         task = bar.add_task("calibrating", total=1.0)
 
         def say(step: str, frac: float) -> None:
@@ -91,4 +163,5 @@ def calibrate(
 
 def register(app: typer.Typer) -> None:
     """Add `calibrate` to ``app``."""
-    app.command("calibrate", help=_HELP)(calibrate)
+    app.command("calibrate", help=_HELP,
+                short_help="Measure each primitive beside its C reference (the dilation).")(calibrate)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import platform
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from ptlab.core.compare import ALPHA, fmt_us
+from ptlab.cli.output import console as _console
+from ptlab.core.compare import ALPHA, fmt_num, fmt_us
 from ptlab.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -62,14 +62,13 @@ def kernel(
     pin_dir: Annotated[Path | None, typer.Option("--pin-dir", help="Directory for the O_DIRECT file (default: the temp directory).")] = None,
 ) -> None:
     from ptlab.core import kernel_probe as kp
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     config = kp.ProbeConfig(duration_s=duration, ranges=ranges, pin=pin, gap_us=gap_us,
                             zap_pages=zap_pages, idle_load=idle_load, seed=seed,
                             pin_dir=str(pin_dir) if pin_dir else None)
     host = kp.check_host()
-    console = Console()
+    console = _console()  # results: stdout, never cut when piped
     thp = host["thp"]
     console.print(
         f"kernel {platform.release()}: THP enabled={thp['enabled']} defrag={thp['defrag']} "
@@ -77,7 +76,7 @@ def kernel(
         f"{ranges} × 2 MiB, {duration:g} s per phase"
     )
     with Progress(TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.fields[secs]}"),
-                  TimeRemainingColumn(), console=console, transient=False) as bar:
+                  TimeRemainingColumn(), console=_console(stderr=True), transient=False) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, elapsed: float, total: float) -> None:
@@ -151,12 +150,10 @@ def _num(v: float | None, unit: str) -> str:
     if unit == "µs":
         return fmt_us(v)
     if unit == "%":
-        return f"{v:.1f}%"
+        return f"{fmt_num(v)}%"
     if unit == "n":
         return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:#.3g}" if abs(v) >= 0.01 else f"{v:.1e}"
+    return fmt_num(v)
 
 
 def _with_p(v: float | None, p: float | None) -> str:
@@ -231,10 +228,9 @@ def fidelity(
     if fmt is FidelityFormat.MD:
         typer.echo(fidelity_markdown(report), nl=False)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(f"kernel: {report.kernel_file}" + (f"  (baseline {report.baseline_file})" if report.baseline_file else ""))
     console.print(f"sim:    {report.sim_file}")
     table = Table()

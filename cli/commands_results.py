@@ -7,13 +7,16 @@ ConfigError, which ptlab.cli.main turns into one line and exit code 2.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from ptlab.cli.output import console
 from ptlab.core.errors import ConfigError
 
 
@@ -22,7 +25,19 @@ class OutputFormat(str, Enum):
 
     TABLE = "table"
     MD = "md"
+    TEXT = "text"
+    JSON = "json"
+    CSV = "csv"
     ARROW = "arrow"
+
+
+class ShowFormat(str, Enum):
+    """How `ptlab show` presents one file."""
+
+    TABLE = "table"
+    MD = "md"
+    JSON = "json"
+    CSV = "csv"
 
 
 # Help texts: one line per paragraph (the help formatter re-wraps paragraphs to the terminal).
@@ -37,9 +52,13 @@ Each strategy is compared with the baseline: ratio of medians with a bootstrap 9
 
 Files from hosts with a different CPU model, core count or kernel release are refused (the machine's effect would mix with the strategy's) unless --force.
 
+Formats: table (the terminal view; piped, as wide as it needs), md (Markdown), text (plain ASCII, at most 72 columns, strategies side by side with ratios and a * for a significant difference: for a mailing-list reply), json (every table, stable keys), csv (one number per row: section, strategy, config, key, stat, value, text), arrow (the csv's table as an Arrow IPC file with dictionary-encoded strings and its format version in the metadata; needs --out).
+
 Examples:
 
   ptlab compare results/run-*.arrow
+
+  ptlab compare sweep-out/ --format text
 
   ptlab compare sweep-out/ --baseline ptl-hold --format md --out comparison.md
 
@@ -59,7 +78,17 @@ Example:  ptlab plot sweep-out/ --out figures/
 _SHOW_HELP = """\
 Summarise one result file: run parameters, host fingerprint, event counts and latency by role and op, collapse result codes, correctness violations, and the calibration table (how much slower each primitive ran than its C reference: the dilation of every time in the file).
 
+The file's content checksum is checked first: a damaged file is refused (exit 2).
+
+Formats: table (the terminal view), md (Markdown), json (every section, stable keys), csv (one value per row: section, key, stat, value).
+
 Example:  ptlab show results/pmd-clear-o9.arrow
+"""
+
+_EXPORT_HELP = """\
+Write result files in another format.  --parquet writes FILE.parquet beside each FILE (or into --out DIR): the same events and metadata, checked on reading and given a fresh checksum.  Parquet is what DuckDB, Spark and polars scan natively (a sweep's merged dataset is Parquet already).
+
+Example:  ptlab export --parquet results/runs/ptl-hold-o4-*.arrow
 """
 
 
@@ -80,7 +109,7 @@ def _check_writable_file(out: Path) -> None:
 def compare(
     paths: Annotated[
         list[Path] | None,
-        typer.Argument(metavar="FILE|DIR...", help="Result files (.arrow) or directories of them.",
+        typer.Argument(metavar="FILE|DIR...", help="Result files (.arrow, .parquet) or directories of them.",
                        show_default=False),
     ] = None,
     baseline: Annotated[
@@ -93,14 +122,13 @@ def compare(
     fmt: Annotated[
         OutputFormat,
         typer.Option("--format", "-f",
-                     help="table: terminal tables; md: Markdown for a README or a mail; "
-                          "arrow: one long Arrow table (section, strategy, key, stat, value, "
-                          "text) for pandas/DuckDB -- needs --out."),
+                     help="table, md, text (72 columns, for a mail), json, csv, or arrow "
+                          "(needs --out); see above."),
     ] = OutputFormat.TABLE,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", metavar="FILE",
-                     help="Write to FILE (atomically) instead of the terminal."),
+                     help="Write to FILE (atomically) instead of stdout."),
     ] = None,
     force: Annotated[
         bool,
@@ -110,12 +138,14 @@ def compare(
 ) -> None:
     from ptlab.core.compare import (
         compare_paths,
+        render_csv,
+        render_json,
+        render_mail_text,
         render_markdown,
         render_rich,
         render_text,
         write_comparison_arrow,
     )
-    from ptlab.core.results import atomic_write_bytes
 
     if not paths:
         raise ConfigError("no result files given; e.g. `ptlab compare results/*.arrow` or a sweep directory")
@@ -127,31 +157,35 @@ def compare(
     if fmt is OutputFormat.ARROW:
         assert out is not None
         write_comparison_arrow(cmp, out)
-        print(f"wrote {out} ({cmp.to_arrow().num_rows} rows)", file=sys.stderr)
-    elif fmt is OutputFormat.MD:
-        text = render_markdown(cmp)
-        if out is None:
-            sys.stdout.write(text)
-        else:
-            atomic_write_bytes(out, text.encode())
-            print(f"wrote {out}", file=sys.stderr)
-    elif out is not None:
-        atomic_write_bytes(out, render_text(cmp).encode())
-        print(f"wrote {out}", file=sys.stderr)
-    else:
-        from rich.console import Console
-
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)  # a pipe or a file: no reason to wrap at 80 columns
+        print(f"wrote {out} ({cmp.to_arrow().num_rows:,} rows)", file=sys.stderr)
+        return
+    if fmt is OutputFormat.TABLE and out is None:
+        con = console()
         for r in render_rich(cmp):
-            console.print(r)
+            con.print(r)
+        return
+    render = {OutputFormat.MD: render_markdown, OutputFormat.TEXT: render_mail_text,
+              OutputFormat.JSON: render_json, OutputFormat.CSV: render_csv,
+              OutputFormat.TABLE: render_text}[fmt]
+    _emit(render(cmp), out)
+
+
+def _emit(text: str, out: Path | None) -> None:
+    """``text`` to stdout, or atomically to ``out`` (with a note on stderr)."""
+    from ptlab.core.results import atomic_write_bytes
+
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_bytes(out, text.encode())
+        print(f"wrote {out}", file=sys.stderr)
 
 
 def plot(
     paths: Annotated[
         list[Path] | None,
-        typer.Argument(metavar="FILE|DIR...", help="Result files (.arrow) or directories of them.",
+        typer.Argument(metavar="FILE|DIR...", help="Result files (.arrow, .parquet) or directories of them.",
                        show_default=False),
     ] = None,
     out: Annotated[
@@ -172,65 +206,99 @@ def plot(
 
 def show(
     path: Annotated[
-        Path | None, typer.Argument(metavar="FILE", help="One result file (.arrow).", show_default=False)
+        Path | None, typer.Argument(metavar="FILE", help="One result file (.arrow or .parquet).", show_default=False)
     ] = None,
+    fmt: Annotated[
+        ShowFormat,
+        typer.Option("--format", "-f", help="table, md, json or csv (see above)."),
+    ] = ShowFormat.TABLE,
 ) -> None:
     from ptlab.core.results import read_run
-    from rich.console import Console
 
     if path is None:
         raise ConfigError("no result file given; e.g. `ptlab show results/pmd-clear-o9.arrow`")
-    console = Console()
-    for r in show_renderables(read_run(path)):
-        console.print(r)
+    run = read_run(path)
+    if fmt is ShowFormat.TABLE:
+        con = console()
+        for r in show_renderables(run):
+            con.print(r)
+        return
+    sections = show_sections(run)
+    if fmt is ShowFormat.JSON:
+        _emit(json.dumps(show_json(run, sections), indent=1, sort_keys=True, default=str) + "\n", None)
+    elif fmt is ShowFormat.CSV:
+        _emit(show_csv(sections), None)
+    else:
+        _emit(show_markdown(run, sections), None)
 
 
-def show_renderables(run: Any) -> list[Any]:
-    """Rich renderables summarising one RunResult (used by `ptlab show`)."""
+def export(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="FILE...", help="Result files to export.", show_default=False),
+    ] = None,
+    parquet: Annotated[bool, typer.Option("--parquet", help="Write Parquet (the one format so far).")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", metavar="DIR", help="Directory for the exported files (default: beside each file)."),
+    ] = None,
+) -> None:
+    from ptlab.core.results import export_parquet, find_result_files
+
+    if not paths:
+        raise ConfigError("no result file given; e.g. `ptlab export --parquet results/runs/run.arrow`")
+    if not parquet:
+        raise ConfigError("choose the format to export to: --parquet")
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the exported files")
+    files = [f for f in find_result_files(paths) if f.suffix != ".parquet"]
+    if not files:
+        raise ConfigError("nothing to export: the files given are Parquet already")
+    for f in files:
+        dest = (out if out is not None else f.parent) / (f.stem + ".parquet")
+        export_parquet(f, dest)
+        print(f"wrote {dest}")
+
+
+# --- show: one file's sections, in every format ----------------------------------------------
+
+@dataclass(frozen=True)
+class Section:
+    """One table of `ptlab show`: a title, column names and rows of raw values (numbers stay
+    numbers until a view formats them)."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    rows: list[list[Any]]
+    caption: str = ""
+
+
+def show_sections(run: Any) -> list[Section]:
+    """The tables of `ptlab show` for one RunResult: parameters, host, runs (merged files),
+    events by role and op, collapse results, violations, calibration, summary."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    from ptlab.core.compare import OP_ORDER, ROLE_ORDER, fmt_us, latency_quantiles_us
+    from ptlab.core.compare import OP_ORDER, ROLE_ORDER, latency_quantiles_us
     from ptlab.core.results import split_runs
-    from rich.table import Table
-    from rich.text import Text
 
     meta = run.meta
-    out: list[Any] = []
+    out: list[Section] = []
     runs = split_runs(run)
-    head = (
-        f"{run.path}  run {run.run_id}  kind {run.kind}  schema {meta.get('schema_version')}  "
-        f"{run.table.num_rows:,} events  {run.duration_s:.3g} s"
-    )
-    out.append(Text(head, style="bold"))
     if len(runs) > 1 or meta.get("runs"):
-        t = Table(title="Runs in this file", title_justify="left")
-        for c in ("run_id", "strategy", "events", "duration s"):
-            t.add_column(c)
-        for r in runs:
-            _row(t, r.run_id, r.strategy, f"{r.table.num_rows:,}", f"{r.duration_s:.3g}")
-        out.append(t)
-
+        out.append(Section("runs", "Runs in this file", ("run_id", "strategy", "events", "duration_s"),
+                           [[r.run_id, r.strategy, r.table.num_rows, r.duration_s] for r in runs]))
     params = meta.get("params") or {}
     if params:
-        t = Table(title="Parameters", title_justify="left", show_header=False)
-        t.add_column("key")
-        t.add_column("value")
-        for k, v in sorted(params.items()):
-            _row(t, k, _short(v))
-        out.append(t)
-
+        out.append(Section("params", "Parameters", ("key", "value"),
+                           [[k, v] for k, v in sorted(params.items())]))
     host = meta.get("host") or {}
     if host:
-        t = Table(title="Host", title_justify="left", show_header=False)
-        t.add_column("key")
-        t.add_column("value")
         first = ("hostname", "cpu_model", "cores", "cores_usable", "simulated_cpus", "oversubscription",
                  "kernel_release", "python", "packages", "git_revision", "git_dirty", "node_id")
-        for k in [k for k in first if k in host] + sorted(set(host) - set(first)):
-            _row(t, k, _short(host[k]))
-        out.append(t)
-
+        keys = [k for k in first if k in host] + sorted(set(host) - set(first))
+        out.append(Section("host", "Host", ("key", "value"), [[k, host[k]] for k in keys]))
     table = run.table
     if table.num_rows:
         role = table.column("role").cast(pa.string()).to_numpy(zero_copy_only=False)
@@ -238,63 +306,138 @@ def show_renderables(run: Any) -> list[Any]:
         lat = table.column("latency_ns").to_numpy()
         spin = table.column("spin_ns").to_numpy()
         sleep = table.column("sleep_ns").to_numpy()
-        t = Table(title="Events by role and op (latency in µs)", title_justify="left")
-        for c in ("role", "op", "count", "median", "p99", "max", "spin ms", "sleep ms"):
-            t.add_column(c, justify="left" if c in ("role", "op") else "right")
+        rows = []
         pairs = sorted(set(zip(role.tolist(), op.tolist(), strict=True)),
                        key=lambda ro: (_rank(ro[0], ROLE_ORDER), _rank(ro[1], OP_ORDER), ro))
         for ro, o in pairs:
             m = (role == ro) & (op == o)
             q = latency_quantiles_us(lat[m])
-            _row(t, ro, o, f"{int(m.sum()):,}", fmt_us(q["median_us"]), fmt_us(q["p99_us"]),
-                      fmt_us(q["max_us"]), f"{spin[m].sum() / 1e6:.3g}", f"{sleep[m].sum() / 1e6:.3g}")
-        out.append(t)
+            rows.append([ro, o, int(m.sum()), q["median_us"], q["p99_us"], q["max_us"],
+                         float(spin[m].sum()) / 1e6, float(sleep[m].sum()) / 1e6])
+        sample = run.sample_factor("access")
+        out.append(Section(
+            "events", "Events by role and op (latency in µs)",
+            ("role", "op", "count", "median_us", "p99_us", "max_us", "spin_ms", "sleep_ms"), rows,
+            f"access rows are a 1-in-{sample} sample of TLB-hit accesses" if sample > 1 else ""))
         coll = table.filter(pc.equal(table.column("op").cast(pa.string()), "collapse"))
         if coll.num_rows:
             codes, counts = np.unique(coll.column("result").cast(pa.string()).to_numpy(zero_copy_only=False),
                                       return_counts=True)
-            t = Table(title="Collapse results", title_justify="left")
-            t.add_column("result")
-            t.add_column("count", justify="right")
-            t.add_column("share", justify="right")
-            for c, n in sorted(zip(codes.tolist(), counts.tolist(), strict=True), key=lambda cn: -cn[1]):
-                _row(t, c or "(none)", f"{n:,}", f"{100 * n / coll.num_rows:.1f}%")
-            out.append(t)
-    else:
-        out.append(Text("no events"))
-
+            out.append(Section("results", "Collapse results", ("result", "count", "share_pct"),
+                               [[c or "(none)", int(n), 100.0 * n / coll.num_rows]
+                                for c, n in sorted(zip(codes.tolist(), counts.tolist(), strict=True),
+                                                   key=lambda cn: -cn[1])]))
     violations = meta.get("violations") or []
-    if violations:
-        t = Table(title=f"Correctness violations: {len(violations)}", title_justify="left",
-                  title_style="bold red")
-        vcols = ("kind", "cpu", "page", "strategy", "phase", "t_ns", "detail")
-        for c in vcols:
-            t.add_column(c)
-        for v in violations[:10]:
-            _row(t, *(_short(v.get(c, "")) for c in vcols))
-        if len(violations) > 10:
-            t.caption = f"... and {len(violations) - 10} more"
-        out.append(t)
-    else:
-        out.append(Text("correctness violations: none", style="green"))
-
+    vcols = ("kind", "cpu", "page", "strategy", "phase", "t_ns", "detail")
+    out.append(Section("violations", f"Correctness violations: {len(violations)}", vcols,
+                       [[v.get(c, "") for c in vcols] for v in violations]))
     calibration = meta.get("calibration") or []
     if calibration:
-        t = Table(title="Calibration (ratio = median / C reference median: the dilation)",
-                  title_justify="left")
         cols = ("primitive", "unit", "median", "p99", "reference_median", "ratio")
-        for c in cols:
-            t.add_column(c, justify="left" if c in ("primitive", "unit") else "right")
-        for row in calibration:
-            _row(t, *(_num(row.get(c)) for c in cols))
-        ratios = [row["ratio"] for row in calibration if isinstance(row.get("ratio"), (int, float))]
-        if ratios:
-            t.caption = f"median dilation ×{float(np.median(ratios)):.3g} over {len(ratios)} primitives"
-        out.append(t)
+        ratios = [r["ratio"] for r in calibration if isinstance(r.get("ratio"), (int, float))]
+        caption = (f"median dilation ×{_num(float(np.median(ratios)))} over {len(ratios)} primitives"
+                   if ratios else "")
+        out.append(Section("calibration", "Calibration (ratio = median / C reference median: the dilation)",
+                           cols, [[r.get(c) for c in cols] for r in calibration], caption))
     summary = meta.get("summary") or {}
     if summary:
-        out.append(Text("summary: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(summary.items()))))
+        out.append(Section("summary", "Summary", ("key", "value"), [[k, v] for k, v in sorted(summary.items())]))
     return out
+
+
+def show_renderables(run: Any) -> list[Any]:
+    """Rich renderables summarising one RunResult (used by `ptlab show`)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    meta = run.meta
+    started = f"  started {meta['started_at']}" if meta.get("started_at") else ""
+    head = (
+        f"{run.path}  run {run.run_id}  kind {run.kind}  schema {meta.get('schema_version')}  "
+        f"{run.table.num_rows:,} events  {_num(run.duration_s)} s{started}  checksum ok"
+    )
+    out: list[Any] = [Text(head, style="bold")]
+    for sec in show_sections(run):
+        if sec.name == "violations" and not sec.rows:
+            out.append(Text("correctness violations: none", style="green"))
+            continue
+        t = Table(title=sec.title, title_justify="left", show_header=sec.columns != ("key", "value"),
+                  title_style="bold red" if sec.name == "violations" else None,
+                  caption=sec.caption or None, caption_justify="left")
+        for c in sec.columns:
+            t.add_column(c.removesuffix("_us").removesuffix("_ms").replace("_", " "),
+                         justify="right" if _numeric_column(sec, c) else "left", overflow="fold")
+        for row in sec.rows:
+            _row(t, *(_cell(v) for v in row))
+        out.append(t)
+    return out
+
+
+def show_markdown(run: Any, sections: list[Section]) -> str:
+    lines = [f"# {run.path}", "",
+             f"run `{run.run_id}`, kind `{run.kind}`, schema {run.meta.get('schema_version')}, "
+             f"{run.table.num_rows:,} events, {_num(run.duration_s)} s", ""]
+    for sec in sections:
+        lines += [f"## {sec.title}", ""]
+        if sec.caption:
+            lines += [f"_{sec.caption}_", ""]
+        if not sec.rows:
+            lines += ["(none)", ""]
+            continue
+        lines.append("| " + " | ".join(sec.columns) + " |")
+        lines.append("|" + "|".join("---:" if _numeric_column(sec, c) else "---" for c in sec.columns) + "|")
+        for row in sec.rows:
+            lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def show_json(run: Any, sections: list[Section]) -> dict[str, Any]:
+    """Stable keys: the file's identity, then each section as a list of {column: value}."""
+    import math
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    doc: dict[str, Any] = {
+        "path": str(run.path), "run_id": run.run_id, "kind": run.kind,
+        "schema_version": run.meta.get("schema_version"), "events": run.table.num_rows,
+        "duration_s": run.duration_s, "started_at": run.meta.get("started_at"), "checksum": "ok",
+        "params": run.meta.get("params") or {}, "host": run.meta.get("host") or {},
+        "summary": run.meta.get("summary") or {},
+    }
+    for sec in sections:
+        if sec.name in ("params", "host", "summary"):
+            continue
+        doc[sec.name] = [{c: clean(v) for c, v in zip(sec.columns, row, strict=True)} for row in sec.rows]
+    return doc
+
+
+def show_csv(sections: list[Section]) -> str:
+    """One value per row: section, key (the row's first cell), stat (the column), value."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["section", "key", "stat", "value"])
+    for sec in sections:
+        for i, row in enumerate(sec.rows):
+            key = row[0] if sec.columns[0] != "kind" else i
+            if sec.name == "events":
+                key = f"{row[0]}/{row[1]}"
+            for c, v in zip(sec.columns, row, strict=True):
+                if c in ("key", "role", "op") or (c == sec.columns[0] and sec.name != "violations"):
+                    continue
+                w.writerow([sec.name, key, c, "" if v is None else (
+                    json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)])
+    return buf.getvalue()
+
+
+def _numeric_column(sec: Section, col: str) -> bool:
+    i = sec.columns.index(col)
+    vals = [r[i] for r in sec.rows if r[i] is not None and r[i] != ""]
+    return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
 
 
 def _row(table: Any, *cells: Any) -> None:
@@ -309,23 +452,34 @@ def _rank(v: str, order: tuple[str, ...]) -> int:
 
 
 def _num(v: Any) -> str:
+    from ptlab.core.compare import fmt_num
+
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return fmt_num(v)
     return "" if v is None else str(v)
 
 
-def _short(v: Any, limit: int = 100) -> str:
+def _cell(v: Any) -> str:
+    """A value as table text: numbers in the one number format, records spelled out whole
+    (never cut: a long one wraps in its column)."""
     if isinstance(v, dict):
-        s = ", ".join(f"{k}={x}" for k, x in v.items())
-    elif isinstance(v, (list, tuple)):
-        s = ", ".join(map(str, v)) if v else "—"
-    else:
-        s = str(v)
-    return s if len(s) <= limit else s[: limit - 1] + "…"
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items()) or "—"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v) if v else "—"
+    if v is None:
+        return "—"
+    return _num(v)
 
 
 def register(app: typer.Typer) -> None:
-    """Add compare, plot and show to ``app``."""
-    app.command("compare", help=_COMPARE_HELP)(compare)
-    app.command("plot", help=_PLOT_HELP)(plot)
-    app.command("show", help=_SHOW_HELP)(show)
+    """Add compare, plot, show and export to ``app``."""
+    app.command("compare", help=_COMPARE_HELP,
+                short_help="Compare strategies across result files, with significance.")(compare)
+    app.command("plot", help=_PLOT_HELP, short_help="Draw PNG figures from result files.")(plot)
+    app.command("show", help=_SHOW_HELP, short_help="Summarise one result file.")(show)
+    app.command("export", help=_EXPORT_HELP,
+                short_help="Write result files as Parquet (DuckDB, Spark, polars).")(export)

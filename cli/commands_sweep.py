@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from ptlab.core.errors import ConfigError, PtlabError, RunFailed
-from ptlab.core.results import ResultFileError
+from ptlab.core.errors import ConfigError, RunFailed
 
 ROLE_FLAGS = ("app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged")
 
@@ -246,22 +245,20 @@ def sweep(
         bool, typer.Option("--progress/--no-progress", help="Live view (on a terminal).")
     ] = True,
 ) -> None:
-    """Run a grid of runs across a Ray cluster: one node per cell, one Arrow file per cell
-    plus a merged dataset partitioned by strategy, and a manifest (resumable)."""
+    """Run a grid of runs across a Ray cluster: one node per cell, one Arrow file per cell plus a merged dataset (hive-partitioned Parquet, by strategy), and a manifest (resumable).
+
+    Exit status: 0 every cell done and clean, 1 a cell's run found a correctness violation, 2 bad input (the whole grid is checked before Ray starts), 3 a cell failed (after its attempts) or the sweep could not run.  A node that dies is reported in one line; its cells run again elsewhere.  Ray's own logs stay in Ray's session log directory (/tmp/ray/session_latest/logs by default).
+    """
     roles = {"app": app_cpus, "gup-fast": gup_fast, "gup-slow": gup_slow, "mmap": mmap_cpus,
              "zap": zap, "khugepaged": khugepaged}  # fmt: skip
-    try:
-        _sweep(
-            config=config, strategy=strategy, order=order, roles=roles, workload=workload,
-            flush=flush, ptl=ptl, vma_locks=vma_locks, seed=seed, repeats=repeats,
-            duration=duration, warmup=warmup, set_params=set_params, address=address, out=out,
-            resume=resume, max_attempts=max_attempts, node_wait=node_wait, dry_run=dry_run,
-            progress=progress,
-        )  # fmt: skip
-    except (PtlabError, ResultFileError) as e:
-        code = e.exit_code if isinstance(e, PtlabError) else 2
-        print(f"ptlab: error: {e}", file=sys.stderr)
-        raise typer.Exit(code) from None
+    # errors (ConfigError, ResultFileError, RunFailed) go to ptlab.cli.main: one line, exit code
+    _sweep(
+        config=config, strategy=strategy, order=order, roles=roles, workload=workload,
+        flush=flush, ptl=ptl, vma_locks=vma_locks, seed=seed, repeats=repeats,
+        duration=duration, warmup=warmup, set_params=set_params, address=address, out=out,
+        resume=resume, max_attempts=max_attempts, node_wait=node_wait, dry_run=dry_run,
+        progress=progress,
+    )  # fmt: skip
 
 
 def build_spec(
@@ -397,37 +394,48 @@ def _sweep(
         cell_fn = dry_cell
 
     import ray
+    from ptlab.cli.output import EXIT_INTERRUPTED, EXIT_VIOLATION, ray_output_to_log
 
-    started = connect(address)
-    view = _LiveView(enabled=progress)
-    try:
-        with view:
-            try:
-                report = run_sweep(
-                    spec, out_dir, cell_fn=cell_fn, resume=resume is not None,
-                    max_attempts=max_attempts, on_progress=view.update,
-                    node_wait_s=node_wait if node_wait is not None else (300.0 if address else 0.0),
-                    embedded=started and not address, sweep_id=None if resume is not None else out_dir.name,
-                )  # fmt: skip
-            except SweepInterrupted as e:
-                r = e.report
-                view.stop()
-                print(
-                    f"ptlab: interrupted: {r.done} of {r.total} cells done, kept in {r.out_dir}; "
-                    f"continue with: ptlab sweep --resume {r.out_dir}",
-                    file=sys.stderr,
-                )
-                raise typer.Exit(130) from None
-    finally:
-        if started:
-            ray.shutdown()
+    quiet_ray = ray_output_to_log()
+    with quiet_ray as ray_log:
+        started = connect(address)
+        quiet_ray.ray_started()
+        view = _LiveView(enabled=progress)
+        try:
+            with view:
+                try:
+                    report = run_sweep(
+                        spec, out_dir, cell_fn=cell_fn, resume=resume is not None,
+                        max_attempts=max_attempts, on_progress=view.update,
+                        node_wait_s=node_wait if node_wait is not None else (300.0 if address else 0.0),
+                        embedded=started and not address, sweep_id=None if resume is not None else out_dir.name,
+                    )  # fmt: skip
+                except SweepInterrupted as e:
+                    r = e.report
+                    view.stop()
+                    print(
+                        f"ptlab: interrupted: {r.done} of {r.total} cells done, kept in {r.out_dir}; "
+                        f"continue with: ptlab sweep --resume {r.out_dir}",
+                        file=sys.stderr,
+                    )
+                    raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            if started:
+                ray.shutdown()
+    for lost in report.lost_nodes:
+        print(f"ptlab: {lost.line()}", file=sys.stderr)
     _summary(report)
     if report.failed:
         first = next(c for c in report.cells if c.status == "failed")
         raise RunFailed(
             f"{report.failed} of {report.total} cells failed (first: {first.label}: {first.error}); "
-            f"see {report.manifest}; retry them with: ptlab sweep --resume {report.out_dir}"
+            f"see {report.manifest}; retry them with: ptlab sweep --resume {report.out_dir} "
+            f"({ray_log.where()})"
         )
+    if report.violations:
+        print(f"ptlab: {report.violations} of {report.total} cells found correctness violations "
+              f"(the manifest's cells[*].violations)", file=sys.stderr)
+        raise typer.Exit(EXIT_VIOLATION)
 
 
 def _summary(report: Any) -> None:
@@ -439,9 +447,7 @@ def _summary(report: Any) -> None:
         f"in {report.elapsed_s:.1f} s"
     )
     print(f"  cells:    {report.out_dir / 'cells'}/<cell-id>.arrow")
-    print(
-        f"  merged:   {report.merged_dir}  (pyarrow.dataset, format='arrow', partitioning='hive')"
-    )
+    print(f"  merged:   {report.merged_dir}  (Parquet, hive-partitioned by strategy)")
     print(f"  manifest: {report.manifest}")
 
 

@@ -39,7 +39,7 @@ from ptlab.core.layout import (
 from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
 from ptlab.core.oracle import check_machine, lock_dump
 from ptlab.core.results import write_run
-from ptlab.core.roles import STOP_FAILED, STOP_WATCHDOG, run_cpu
+from ptlab.core.roles import STOP_FAILED, STOP_VIOLATION, STOP_WATCHDOG, assign_roles, run_cpu
 
 START_TIMEOUT_S = 120.0
 
@@ -60,12 +60,6 @@ def _cpu_actor_class() -> Any:
     return CpuActor
 
 
-def assign_roles(config: RunConfig) -> list[str]:
-    """CPU id -> role, khugepaged last (so CPU 0 is an app CPU when there is one)."""
-    order = ["app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged"]
-    return [role for role in order for _ in range(config.cpus.get(role, 0))]
-
-
 def make_run_id(config: RunConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{config.strategy}-o{config.order}-{stamp}-{secrets.token_hex(3)}"
@@ -82,6 +76,8 @@ def run_cell(
 ) -> Path | dict[str, Any]:
     """Run one cell and write ``out_dir/<run_id>.arrow``; returns its path (or, when out_dir is
     None, the columns and metadata).  Raises RunFailed if a CPU died or Ray failed."""
+    if config.backend == "virtual":
+        return run_virtual_cell(config, out_dir, run_id=run_id, progress=progress, extra_meta=extra_meta)
     import ray
     from ray.util.scheduling_strategies import (
         NodeAffinitySchedulingStrategy,
@@ -132,19 +128,27 @@ def run_cell(
         m.ctl.futex_wake(GATE, 1 << 30)
         total_s = config.warmup_s + config.duration_s
         results, watchdog, quiescent, checks = _monitor(ray, m, refs, ref_cpu, roles, config, t0, total_s, say)
+        # a run that could not complete is a failed run (exit 3), never a finding: a stall the
+        # watchdog saw (with its lock dump), or a CPU that raised (cpu_exception) or died
+        if watchdog:
+            raise RunFailed(f"watchdog: {watchdog['detail']}")
         errors = [r["error"] for r in results if r["error"]]
-        if errors and not watchdog:
+        if errors:
             raise RunFailed(errors[0])
         violations = [v for r in results for v in r["violations"]] + quiescent
-        if watchdog:
-            violations.append(watchdog)
-        if m.ctl.load32(STOP) == 0:  # every CPU finished its last operation: quiescent
+        stop = m.ctl.load32(STOP)
+        if stop == 0:  # every CPU finished its last operation: quiescent
             violations.extend(check_machine(m))
         say("writing results", 0.98)
         cols = _columns(results, run_id, config, t0)
+        # the wall-clock time of t_start_ns = 0 (the end of the warm-up): the monotonic clock
+        # of now_ns() mapped onto the system clock, read together
+        t0_unix_ns = time.time_ns() - (now_ns() - t0) + int(config.warmup_s * 1e9)
         meta = {
             "run_id": run_id,
             "kind": "sim",
+            "started_at": datetime.fromtimestamp(t0_unix_ns / 1e9, timezone.utc).isoformat(timespec="milliseconds"),
+            "t0_unix_ns": t0_unix_ns,
             "params": config.to_dict(),
             "host": _host(n, oversub, node_id),
             "calibration": _calibration(),
@@ -154,6 +158,7 @@ def run_cell(
             "cpu_stats": {f"cpu{r['cpu']}": r["stats"] for r in results},
             "access_sample": 8,
             "quiescent_checks": checks,
+            "stopped": "violation" if stop == STOP_VIOLATION else "time",
             **(extra_meta or {}),
         }
     finally:
@@ -164,6 +169,54 @@ def run_cell(
             except Exception:
                 pass
         m.close()
+    if out_dir is None:
+        return {"columns": cols, "meta": meta}
+    return write_run(Path(out_dir) / f"{run_id}.arrow", cols, meta)
+
+
+def run_virtual_cell(
+    config: RunConfig,
+    out_dir: Path | str | None,
+    *,
+    run_id: str | None = None,
+    progress: Callable[[str, float], None] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path | dict[str, Any]:
+    """One cell on the virtual-time backend (core/vtime.py), in this process: the same result
+    file, with times in virtual ns, ``clock: virtual`` and the cost table it used in the
+    metadata.  Deterministic: the same config gives the same file contents on any host."""
+    from ptlab.core.costs import load_costs
+    from ptlab.core.vtime import fit, run_virtual
+
+    run_id = run_id or make_run_id(config)
+    say = progress or (lambda msg, frac: None)
+    table = load_costs(None)
+    say("fitting the cost table", 0.02)
+    flat, fitted = fit(table)
+    say("running in virtual time", 0.05)
+    out = run_virtual(config, flat)
+    results = out["results"]
+    violations = [v for r in results for v in r["violations"]] + out["violations"]
+    say("writing results", 0.98)
+    cols = _columns(results, run_id, config, 0)
+    n = len(out["roles"])
+    meta = {
+        "run_id": run_id,
+        "kind": "sim",
+        "params": config.to_dict(),
+        "host": _host(n, 0.0, ""),
+        "clock": "virtual",
+        "costs": {**table.to_dict(), "fitted": fitted, "charged": out["costs"]},
+        "speed": out["speed"],
+        "calibration": [],
+        "violations": violations,
+        "summary": _summary(cols, violations, results),
+        "roles": out["roles"],
+        "cpu_stats": {f"cpu{r['cpu']}": r["stats"] for r in results},
+        "access_sample": 8,
+        "quiescent_checks": 0,
+        **(extra_meta or {}),
+    }
     if out_dir is None:
         return {"columns": cols, "meta": meta}
     return write_run(Path(out_dir) / f"{run_id}.arrow", cols, meta)
@@ -183,9 +236,26 @@ def _raise_dead(ray: Any, done: list[Any], ref_cpu: dict[Any, int], roles: list[
             ray.get(r)
         except Exception as e:  # RayActorError and friends
             m.ctl.cas32(STOP, 0, STOP_FAILED)
-            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-            why = lines[-1] if lines else type(e).__name__
-            raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {why}") from None
+            pid = m.ctl.load64(m.L.cpu(cpu) + CPU_PID)
+            raise RunFailed(f"simulated CPU {cpu} ({roles[cpu]}) died: {_death_reason(e, pid)}") from None
+
+
+def _death_reason(e: BaseException, pid: int = 0) -> str:
+    """Why a CPU actor died, in a few words, from Ray's exception (whose text is ten lines of
+    troubleshooting advice).  A process that vanished without an exit of its own ("connection
+    error ... End of file") was killed by a signal -- SIGKILL, a crash, the kernel's OOM
+    killer; Ray cannot say which, so neither can we.  Otherwise the exception's own first
+    line."""
+    text = " ".join(str(e).split())
+    who = f"its process (pid {pid})" if pid else "its process"
+    if "NODE_OUT_OF_MEMORY" in text or "memory monitor" in text.lower():
+        return f"{who} was killed by Ray's memory monitor (the node ran out of memory)"
+    if "End of file" in text or "SYSTEM_ERROR" in text or "SIGKILL" in text:
+        return f"{who} was killed by a signal (SIGKILL, a crash or the OOM killer; no exit status)"
+    if "INTENDED" in text or "ray.kill" in text:
+        return f"{who} was stopped (ray.kill)"
+    first = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return first[0][:200] if first else type(e).__name__
 
 
 def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], roles: list[str], config: RunConfig, t0: int, total_s: float, say: Callable[[str, float], None]) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]], int]:
@@ -295,6 +365,10 @@ def _columns(results: list[dict[str, Any]], run_id: str, config: RunConfig, t0: 
         else:
             cols[key] = v[keep]
     cols["t_start_ns"] = cols["t_start_ns"] - warm
+    # the CPUs record virtual page numbers; the file holds byte addresses (as the kernel
+    # probe's), -1 where an event has none (an mmap() records before its VMA exists)
+    addr = np.asarray(cols["addr"], dtype=np.int64)
+    cols["addr"] = np.where(addr >= 0, addr * config.page_size, -1)
     order = np.argsort(cols["t_start_ns"], kind="stable")
     for key, v in cols.items():
         cols[key] = [v[i] for i in order] if isinstance(v, list) else v[order]
@@ -310,7 +384,12 @@ def _summary(cols: dict[str, Any], violations: list[dict[str, Any]], results: li
     kinds: dict[str, int] = {}
     for v in violations:
         kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
+    # measured: from the end of the warm-up to the end of the last recorded event (the CPUs
+    # stop at the nominal end, or earlier when something stopped them); rates divide by it
+    t = np.asarray(cols["t_start_ns"], dtype=np.int64)
+    end_ns = int((t + np.asarray(cols["latency_ns"], dtype=np.int64)).max()) if len(t) else 0
     return {
+        "duration_s": end_ns / 1e9,
         "events": {str(k): int(c) for k, c in zip(ops, counts)},
         "collapses": {str(k): int(c) for k, c in zip(cres, ccounts)},
         "violations": len(violations),

@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from ptlab.core.config import DEFAULT_CPUS, FlushMode, PtlMode, Role, RunConfig, Strategy
+from ptlab.core.config import (
+    DEFAULT_CPUS,
+    HPAGE_PMD_ORDER,
+    PTE_LEVEL_ONLY,
+    FlushMode,
+    PtlMode,
+    Role,
+    RunConfig,
+    Strategy,
+)
 from ptlab.core.errors import ConfigError
 
 # RunConfig fields that are axes of the grid; everything else belongs in ``base``.
@@ -198,6 +207,8 @@ def expand(spec: SweepSpec) -> list[Cell]:
     for strategy, order, cpus, workload, flush, ptl, vma_locks, seed in itertools.product(
         *axes.values()
     ):
+        if order == HPAGE_PMD_ORDER and strategy in PTE_LEVEL_ONLY:
+            continue  # not a cell of the model: order 9 is pmd-clear only (see RunConfig)
         for r in range(spec.repeats):
             config = _check(
                 base,
@@ -214,6 +225,8 @@ def expand(spec: SweepSpec) -> list[Cell]:
             )
             cid = cell_id(config, r)
             cells.setdefault(cid, Cell(cid, config, r, seed))
+    if not cells:
+        raise ConfigError("no cell left: order 9 is a PMD-order collapse that only pmd-clear models; add an mTHP order (2..8) or pmd-clear")
     return list(cells.values())
 
 

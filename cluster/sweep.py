@@ -10,9 +10,10 @@ lives in shared memory, which does not cross hosts, so everything of a cell stay
   * the cell function (``run_cell``) runs as a Ray task in bundle 0 of that group with no
     CPU of its own, so the machine it creates in shared memory is on the node where the
     group's CPU actors will run; the task passes the group to ``run_cell`` for the actors;
-  * the task returns the bytes of the cell's Arrow file; the driver writes them atomically to
-    ``cells/<cell_id>.arrow`` and adds the cell to the merged dataset
-    (``merged/strategy=<s>/part-<cell_id>.arrow``, hive-partitioned).
+  * the task returns the bytes of the cell's Arrow file; the driver checks them (a readable
+    result with a good checksum), writes them atomically to ``cells/<cell_id>.arrow`` and adds
+    the cell to the merged dataset (``merged/strategy=<s>/part-<cell_id>.parquet``,
+    hive-partitioned Parquet, which DuckDB, Spark and polars scan natively).
 
 Fault tolerance.  Ray retries nothing (``max_retries=0``); the driver does, so it can tell a
 lost node from a failing cell.  A cell whose node dies (or whose worker crashes, or whose run
@@ -57,6 +58,7 @@ from ptlab.core.errors import ConfigError, PtlabError
 from ptlab.core.results import (
     METADATA_KEY,
     ResultFileError,
+    RunResult,
     atomic_write_bytes,
     read_run,
     write_table,
@@ -112,6 +114,7 @@ class CellRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     file: str = ""
     part: str = ""
+    violations: int = 0  # the oracle's findings in the cell's result (summary.violations)
 
     @classmethod
     def for_cell(cls, cell: Cell) -> CellRecord:
@@ -164,8 +167,24 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class LostNode:
+    """A node that died during the sweep, and how many cell attempts it took down with it
+    (each was rerun elsewhere, or failed if no attempts were left)."""
+
+    node_id: str
+    ip: str
+    cells_rerun: int
+
+    def line(self) -> str:
+        n = self.cells_rerun
+        what = f"{n} cell{'s' if n != 1 else ''} rerun elsewhere" if n else "no cell was running there"
+        return f"node {self.ip or self.node_id[:12]} lost: {what}"
+
+
+@dataclass(frozen=True)
 class SweepReport:
-    """What a sweep left behind.  ``status``: complete | partial | failed."""
+    """What a sweep left behind.  ``status``: complete | partial | failed.  ``violations``:
+    cells whose run found a correctness violation; ``lost_nodes``: nodes that died."""
 
     sweep_id: str
     out_dir: Path
@@ -179,6 +198,8 @@ class SweepReport:
     merged_dir: Path
     nodes_used: tuple[str, ...]
     cells: tuple[CellRecord, ...]
+    violations: int = 0
+    lost_nodes: tuple[LostNode, ...] = ()
 
 
 # --- Ray connection ------------------------------------------------------------------------
@@ -187,13 +208,14 @@ class SweepReport:
 def connect(
     address: str | None = None,
     *,
-    node_ip: str = "127.0.0.2",
+    node_ip: str | None = None,
     num_cpus: int | None = None,
     object_store_mb: int = 512,
 ) -> bool:
     """Join the Ray cluster at ``address`` (``auto`` or ``host:port``) or, without one, start an
-    embedded Ray bound to ``node_ip`` (a loopback address: nothing leaves the machine) with
-    ``num_cpus`` (default: all cores) and an object store of ``object_store_mb`` MiB.
+    embedded Ray bound to ``node_ip`` (a loopback address: nothing leaves the machine; default
+    ``$PTLAB_RAY_IP``, else ``$PTLAB_TEST_RAY_IP``, else 127.0.0.2) with ``num_cpus`` (default:
+    all cores) and an object store of ``object_store_mb`` MiB.
 
     Returns True when this call started or joined Ray (the caller should ``ray.shutdown()``),
     False when Ray was already initialised.  Raises ConfigError when the cluster cannot be
@@ -203,6 +225,8 @@ def connect(
 
     if ray.is_initialized():
         return False
+    node_ip = (node_ip or os.environ.get("PTLAB_RAY_IP") or os.environ.get("PTLAB_TEST_RAY_IP")
+               or "127.0.0.2")
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -228,7 +252,36 @@ def connect(
             else ""
         )
         raise ConfigError(f"cannot start or reach {where}: {first}{hint}") from None
+    _ray_prints_to_log()
     return True
+
+
+def _ray_prints_to_log() -> None:
+    """Ray prints the errors it hears from the cluster ("(raylet) A worker died or was killed
+    ...": ten lines each, node-death notices) on the driver's *stdout*, where ptlab's results
+    go.  Send them to ``ptlab-driver-<pid>.log`` in Ray's session log directory instead (a
+    private Ray function is replaced; if it is not there, nothing changes).  ptlab reports a
+    dead CPU or a lost node itself, in one line."""
+    try:
+        import ray._private.worker as rw
+
+        node = rw._global_node
+        logs = node.get_logs_dir_path() if node is not None else tempfile.gettempdir()
+        path = os.path.join(logs, f"ptlab-driver-{os.getpid()}.log")
+        if not callable(getattr(rw, "print_to_stdstream", None)):
+            return
+    except Exception:
+        return
+
+    def to_log(data: Any, ignore_prefix: bool = False) -> None:
+        try:
+            with open(path, "a") as f:
+                for line in data.get("lines", []):
+                    f.write(f"({data.get('pid', 'ray')}) {line}\n")
+        except OSError:
+            pass
+
+    rw.print_to_stdstream = to_log
 
 
 # --- the cell task -------------------------------------------------------------------------
@@ -443,6 +496,7 @@ class _Driver:
         self._last_nodes = 0.0
         self._dirty = True
         self._shm_removed: dict[str, list[str]] = {}
+        self._seen_alive: set[str] = set()  # nodes alive at some point of this invocation
 
     # -- setup --
 
@@ -460,6 +514,8 @@ class _Driver:
                     if rec.status != DONE:
                         rec.status = DONE
                         rec.file = str(path.relative_to(self.out_dir))
+                    rec.violations = int((result.meta.get("summary") or {}).get("violations")
+                                         or len(result.meta.get("violations") or []))
                     if not rec.part or not (self.out_dir / rec.part).exists():
                         self._write_part(rec, result.table)
                     self.skipped += 1
@@ -647,10 +703,13 @@ class _Driver:
         rec.ended_at = float(info["ended_at"])
         rec.run_s = rec.ended_at - rec.started_at
         try:
-            table = self._store(rec, data)
+            result = self._store(rec, data)
         except _BadResult as e:
             self._attempt_failed(rec, e)
             return
+        table = result.table
+        rec.violations = int((result.meta.get("summary") or {}).get("violations")
+                             or len(result.meta.get("violations") or []))
         rec.gathered_at = time.time()
         rec.overhead_s = max(0.0, (rec.gathered_at - rec.submitted_at) - rec.run_s)
         rec.status = DONE
@@ -659,24 +718,27 @@ class _Driver:
         self._write_part(rec, table)
         self._dirty = True
 
-    def _store(self, rec: CellRecord, data: bytes) -> pa.Table:
+    def _store(self, rec: CellRecord, data: bytes) -> RunResult:
         """Write the cell's file atomically, after checking that the bytes are a readable
-        result (a bad result is a failed attempt, never a file under the final name)."""
+        result with a good checksum (a bad result is a failed attempt, never a file under the
+        final name)."""
         path = self._cell_path(rec.cell_id)
 
-        def check(tmp: Path) -> pa.Table:
+        def check(tmp: Path) -> RunResult:
             try:
-                return read_run(tmp).table
+                return read_run(tmp)
             except ResultFileError as e:
                 raise _BadResult(f"the cell returned an unreadable result: {e}") from None
 
-        table = _atomic_bytes(path, data, check=check)
+        result = _atomic_bytes(path, data, check=check)
         rec.file = str(path.relative_to(self.out_dir))
-        return table
+        return result
 
     def _write_part(self, rec: CellRecord, table: pa.Table) -> None:
+        """The cell's events in the merged dataset: hive-partitioned Parquet (DuckDB, Spark,
+        polars and pyarrow.dataset scan it natively), with the cell's grid coordinates."""
         strategy = str(rec.params.get("strategy", "unknown"))
-        part = self.out_dir / MERGED_DIR / f"strategy={strategy}" / f"part-{rec.cell_id}.arrow"
+        part = self.out_dir / MERGED_DIR / f"strategy={strategy}" / f"part-{rec.cell_id}.parquet"
         write_table(_with_cell_columns(table, rec), part)
         with contextlib.suppress(OSError):
             os.chmod(part, _FILE_MODE)
@@ -692,7 +754,7 @@ class _Driver:
         final = isinstance(e, PtlabError) and e.exit_code == 2  # bad configuration: no retry
         rec.history.append(
             {"attempt": rec.attempts, "node_id": rec.node_id, "result": "node lost" if node_lost else "failed",
-             "error": message}
+             "error": message, "at": round(time.time(), 3)}
         )  # fmt: skip
         # attempts of this invocation only: a resumed sweep gives failed cells a fresh budget
         tries = self._tries[rec.cell_id]
@@ -722,6 +784,8 @@ class _Driver:
                 "cpus": int((n.get("Resources") or {}).get("CPU", 0)),
                 "alive": bool(n.get("Alive")),
             }
+            if n.get("Alive"):
+                self._seen_alive.add(nid)
 
     def _fail_unplaceable(self) -> None:
         """Cells that fit no alive node fail once ``node_wait_s`` has passed."""
@@ -791,6 +855,21 @@ class _Driver:
         self._write_manifest(status)
         self._publish()
         return status
+
+    def _lost_nodes(self, grid: list[CellRecord]) -> tuple[LostNode, ...]:
+        """Nodes that were alive during this sweep and are dead now, with the attempts they
+        took down (history entries "node lost" of this invocation)."""
+        taken: collections.Counter[str] = collections.Counter()
+        for r in grid:
+            for h in r.history:
+                if h.get("result") == "node lost" and h.get("at", self.t0) >= self.t0:
+                    taken[h.get("node_id", "")] += 1
+        out = []
+        for nid in sorted(self._seen_alive):
+            n = self.nodes.get(nid, {})
+            if not n.get("alive", True):
+                out.append(LostNode(nid, n.get("ip", ""), taken.get(nid, 0)))
+        return tuple(out)
 
     def _clean_shm(self) -> None:
         import ray
@@ -912,6 +991,8 @@ class _Driver:
         grid = [self.records[c] for c in self.grid_ids]
         used = sorted({r.node_id for r in grid if r.status == DONE and r.node_id})
         return SweepReport(
+            violations=sum(1 for r in grid if r.status == DONE and r.violations),
+            lost_nodes=self._lost_nodes(grid),
             sweep_id=self.sweep_id,
             out_dir=self.out_dir,
             status=status,

@@ -632,10 +632,1048 @@ static PyObject *M_abort(PyObject *mod, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* The kernel cost table (`ptlab calibrate --kernel`, core/costs.py).                          */
+/*                                                                                            */
+/* Small C loops that time what the virtual clock charges for one kernel step: a cache-hitting */
+/* load, a locked RMW, a cache line moving between two cores, a 4 KiB copy and clear, a TLB    */
+/* miss walk, an IPI round trip (membarrier), a futex wake-up, a context switch, an anonymous  */
+/* fault, an mmap()+munmap() pair and MADV_COLLAPSE with and without work to do.  Each one     */
+/* pins the calling thread where asked and restores its affinity before returning, releases   */
+/* the GIL while it runs, and hands back raw samples (ns); core/calibrate.py takes medians.   */
+
+#include <linux/futex.h>
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+
+#define CS_LINE 64
+
+struct cs_affinity {
+    cpu_set_t saved;
+    int pinned;
+};
+
+/* Pin the calling thread to `cpu` (< 0: leave it).  0, or an errno. */
+static int cs_pin(struct cs_affinity *a, int cpu)
+{
+    a->pinned = 0;
+    if (cpu < 0)
+        return 0;
+    if (cpu >= CPU_SETSIZE)
+        return EINVAL;
+    int e = pthread_getaffinity_np(pthread_self(), sizeof(a->saved), &a->saved);
+    if (e)
+        return e;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    e = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    if (e)
+        return e;
+    a->pinned = 1;
+    return 0;
+}
+
+static void cs_unpin(struct cs_affinity *a)
+{
+    if (a->pinned)
+        pthread_setaffinity_np(pthread_self(), sizeof(a->saved), &a->saved);
+    a->pinned = 0;
+}
+
+static int cs_pin_thread(pthread_t th, int cpu)
+{
+    if (cpu < 0)
+        return 0;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(th, sizeof(set), &set);
+}
+
+static long cs_futex(uint32_t *uaddr, int op, uint32_t val)
+{
+    return syscall(SYS_futex, uaddr, op, val, NULL, NULL, 0);
+}
+
+static PyObject *cs_oserror(int err, const char *what)
+{
+    PyObject *exc_args = Py_BuildValue("(is)", err, what);
+    if (exc_args) {
+        PyErr_SetObject(PyExc_OSError, exc_args);
+        Py_DECREF(exc_args);
+    }
+    return NULL;
+}
+
+/* A list of n int64 samples as Python ints. */
+static PyObject *cs_list_i64(const int64_t *v, Py_ssize_t n)
+{
+    PyObject *lst = PyList_New(n);
+    if (!lst)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyLong_FromLongLong(v[i]);
+        if (!x) {
+            Py_DECREF(lst);
+            return NULL;
+        }
+        PyList_SET_ITEM(lst, i, x);
+    }
+    return lst;
+}
+
+static PyObject *cs_list_f64(const double *v, Py_ssize_t n)
+{
+    PyObject *lst = PyList_New(n);
+    if (!lst)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyFloat_FromDouble(v[i]);
+        if (!x) {
+            Py_DECREF(lst);
+            return NULL;
+        }
+        PyList_SET_ITEM(lst, i, x);
+    }
+    return lst;
+}
+
+/* A 2 MiB-aligned private anonymous mapping of len bytes (a multiple of 2 MiB), advised `advice`
+ * (MADV_HUGEPAGE / MADV_NOHUGEPAGE; 0: none) and, if `touch`, populated by writing each page.
+ * NULL with errno set on failure. */
+static char *cs_map(size_t len, int advice, int touch)
+{
+    size_t span = len + KP_PMD_SIZE;
+    char *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED)
+        return NULL;
+    char *base = (char *)(((uintptr_t)raw + KP_PMD_SIZE - 1) & ~(KP_PMD_SIZE - 1));
+    if (base > raw)
+        munmap(raw, (size_t)(base - raw));
+    size_t tail = (size_t)((raw + span) - (base + len));
+    if (tail)
+        munmap(base + len, tail);
+    if (advice)
+        madvise(base, len, advice); /* best effort: THP may be off; the caller checks vmstat */
+    if (touch)
+        for (size_t off = 0; off < len; off += KP_PAGE_SIZE)
+            kp_touch(base + off, off | 1);
+    return base;
+}
+
+PyDoc_STRVAR(cost_loop_doc,
+"cost_loop(kind, batches, n, cpu=-1) -> list of floats\n\n"
+"Time n back-to-back operations per batch on the calling thread (pinned to host core cpu when\n"
+"cpu >= 0) and return each batch's mean ns per operation.  kind:\n"
+"  'load_hit'    a dependent load from a line in L1 (p = *p: the load-to-use latency)\n"
+"  'atomic'      an uncontended lock xadd on a private line (__atomic_fetch_add, seq_cst)\n"
+"  'rwsem'       pthread_rwlock_rdlock + unlock, uncontended (the pair)\n"
+"  'futex_wake'  futex(FUTEX_WAKE_PRIVATE) on a word nobody waits on (a bare syscall)");
+
+static PyObject *M_cost_loop(PyObject *mod, PyObject *args)
+{
+    const char *kind;
+    Py_ssize_t batches, n;
+    int cpu = -1;
+    if (!PyArg_ParseTuple(args, "snn|i", &kind, &batches, &n, &cpu))
+        return NULL;
+    if (batches <= 0 || n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "batches and n must be positive");
+        return NULL;
+    }
+    int k;
+    if (!strcmp(kind, "load_hit"))
+        k = 0;
+    else if (!strcmp(kind, "atomic"))
+        k = 1;
+    else if (!strcmp(kind, "rwsem"))
+        k = 2;
+    else if (!strcmp(kind, "futex_wake"))
+        k = 3;
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown cost loop %s (load_hit, atomic, rwsem, futex_wake)", kind);
+        return NULL;
+    }
+    double *out = PyMem_Calloc((size_t)batches, sizeof(double));
+    if (!out)
+        return PyErr_NoMemory();
+    struct cs_affinity aff;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    if (!err) {
+        /* the words live on lines of their own */
+        static __thread void *cell[CS_LINE / sizeof(void *)] __attribute__((aligned(CS_LINE)));
+        static __thread int64_t word[CS_LINE / 8] __attribute__((aligned(CS_LINE)));
+        static __thread uint32_t fword[CS_LINE / 4] __attribute__((aligned(CS_LINE)));
+        pthread_rwlock_t rw;
+        pthread_rwlock_init(&rw, NULL);
+        cell[0] = (void *)cell;
+        for (Py_ssize_t b = -1; b < batches; b++) { /* batch -1 warms up */
+            int64_t t0 = mono_ns();
+            switch (k) {
+            case 0: {
+                void *p = cell[0];
+                for (Py_ssize_t i = 0; i < n; i++)
+                    p = *(void *volatile *)p;
+                __asm__ __volatile__("" : : "r"(p) : "memory");
+                break;
+            }
+            case 1:
+                for (Py_ssize_t i = 0; i < n; i++)
+                    __atomic_fetch_add(&word[0], 1, __ATOMIC_SEQ_CST);
+                break;
+            case 2:
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    pthread_rwlock_rdlock(&rw);
+                    pthread_rwlock_unlock(&rw);
+                }
+                break;
+            default:
+                for (Py_ssize_t i = 0; i < n; i++)
+                    cs_futex(&fword[0], FUTEX_WAKE_PRIVATE, 1);
+                break;
+            }
+            int64_t t1 = mono_ns();
+            if (b >= 0)
+                out[b] = (double)(t1 - t0) / (double)n;
+        }
+        pthread_rwlock_destroy(&rw);
+        cs_unpin(&aff);
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        PyMem_Free(out);
+        return cs_oserror(err, "cannot pin to the requested core");
+    }
+    PyObject *lst = cs_list_f64(out, batches);
+    PyMem_Free(out);
+    return lst;
+}
+
+/* One 4 KiB copy / clear with the instructions the kernel uses on x86 with ERMS:
+ * copy_mc_enhanced_fast_string() (the collapse's copy_mc_user_highpage) is `rep movsb`,
+ * clear_page_erms() (folio_zero_user, a fault's clear) is `rep stosb`.  Elsewhere: libc. */
+static inline void cs_copy_page(char *dst, const char *src)
+{
+#if defined(__x86_64__)
+    size_t n = KP_PAGE_SIZE;
+    __asm__ __volatile__("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+#else
+    memcpy(dst, src, KP_PAGE_SIZE);
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline void cs_clear_page(char *dst, int v)
+{
+#if defined(__x86_64__)
+    size_t n = KP_PAGE_SIZE;
+    __asm__ __volatile__("rep stosb" : "+D"(dst), "+c"(n) : "a"(v) : "memory");
+#else
+    memset(dst, v, KP_PAGE_SIZE);
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+PyDoc_STRVAR(cost_copy_doc,
+"cost_copy(kind, pool_bytes, run_bytes, runs, cpu=-1) -> list of floats\n\n"
+"Copy ('copy') or clear ('zero') 4 KiB pages as the kernel does on x86 (rep movsb, rep stosb)\n"
+"run_bytes page by page, 4 KiB per call, at rotating offsets of a pool_bytes pool (both\n"
+"multiples of 2 MiB; the pools are populated first and asked for huge pages, as the kernel's\n"
+"direct map has), and return each run's mean ns per 4 KiB.  A pool larger than the caches\n"
+"times the streaming rate, a run_bytes pool (pool_bytes == run_bytes) small enough to stay in\n"
+"cache times the warm rate.");
+
+static PyObject *M_cost_copy(PyObject *mod, PyObject *args)
+{
+    const char *kind;
+    Py_ssize_t pool, run, runs;
+    int cpu = -1;
+    if (!PyArg_ParseTuple(args, "snnn|i", &kind, &pool, &run, &runs, &cpu))
+        return NULL;
+    int copy = !strcmp(kind, "copy");
+    if (!copy && strcmp(kind, "zero")) {
+        PyErr_Format(PyExc_ValueError, "unknown copy kind %s (copy, zero)", kind);
+        return NULL;
+    }
+    if (runs <= 0 || run <= 0 || pool < run || pool % (Py_ssize_t)KP_PMD_SIZE ||
+        run % (Py_ssize_t)KP_PAGE_SIZE || pool % run) {
+        PyErr_SetString(PyExc_ValueError, "need runs > 0, run_bytes a multiple of 4 KiB dividing "
+                        "pool_bytes, pool_bytes a multiple of 2 MiB");
+        return NULL;
+    }
+    double *out = PyMem_Calloc((size_t)runs, sizeof(double));
+    if (!out)
+        return PyErr_NoMemory();
+    struct cs_affinity aff;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    char *src = NULL, *dst = NULL;
+    err = cs_pin(&aff, cpu);
+    if (!err) {
+        dst = cs_map((size_t)pool, MADV_HUGEPAGE, 1);
+        if (!dst)
+            err = errno;
+        if (!err && copy) {
+            src = cs_map((size_t)pool, MADV_HUGEPAGE, 1);
+            if (!src)
+                err = errno;
+        }
+    }
+    if (!err) {
+        Py_ssize_t slots = pool / run, pages = run / (Py_ssize_t)KP_PAGE_SIZE;
+        for (Py_ssize_t r = -2; r < runs; r++) { /* two warm-up runs */
+            Py_ssize_t slot = (r + 2) % slots;
+            char *d = dst + slot * run;
+            int64_t t0 = mono_ns();
+            if (copy) {
+                char *s = src + slot * run;
+                for (Py_ssize_t p = 0; p < pages; p++)
+                    cs_copy_page(d + p * KP_PAGE_SIZE, s + p * KP_PAGE_SIZE);
+            } else {
+                for (Py_ssize_t p = 0; p < pages; p++)
+                    cs_clear_page(d + p * KP_PAGE_SIZE, (int)(r & 0x7f));
+            }
+            int64_t t1 = mono_ns();
+            if (r >= 0)
+                out[r] = (double)(t1 - t0) / (double)pages;
+        }
+    }
+    if (src)
+        munmap(src, (size_t)pool);
+    if (dst)
+        munmap(dst, (size_t)pool);
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        PyMem_Free(out);
+        return cs_oserror(err, "cost_copy: cannot map or pin");
+    }
+    PyObject *lst = cs_list_f64(out, runs);
+    PyMem_Free(out);
+    return lst;
+}
+
+/* ---- two threads: cache-line ping-pong, context switch, membarrier ---------------------- */
+
+struct cs_pair {
+    int64_t word __attribute__((aligned(CS_LINE))); /* the ping-pong line */
+    uint32_t a __attribute__((aligned(CS_LINE)));   /* futex words, one line each */
+    uint32_t b __attribute__((aligned(CS_LINE)));
+    int stop __attribute__((aligned(CS_LINE)));
+    int running;
+    int cpu;
+    int pin_err;
+    Py_ssize_t n;
+};
+
+/* The peer of the ping-pong: waits for odd values and answers with the next even one. */
+static void *cs_pong(void *arg)
+{
+    struct cs_pair *p = arg;
+    p->pin_err = cs_pin_thread(pthread_self(), p->cpu);
+    __atomic_store_n(&p->running, 1, __ATOMIC_RELEASE);
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        int64_t want = 2 * i + 1;
+        while (__atomic_load_n(&p->word, __ATOMIC_ACQUIRE) != want)
+            if (__atomic_load_n(&p->stop, __ATOMIC_RELAXED))
+                return NULL;
+        __atomic_store_n(&p->word, want + 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(cost_line_transfer_doc,
+"cost_line_transfer(batches, n, cpu_a, cpu_b) -> list of floats\n\n"
+"Two threads, pinned to host cores cpu_a (the caller) and cpu_b, pass a counter on one cache\n"
+"line back and forth (each spins on plain loads until it sees its turn, then stores the next\n"
+"value), n round trips per batch; returns each batch's mean one-way time (round trip / 2, ns).");
+
+static PyObject *M_cost_line_transfer(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t batches, n;
+    int cpu_a, cpu_b;
+    if (!PyArg_ParseTuple(args, "nnii", &batches, &n, &cpu_a, &cpu_b))
+        return NULL;
+    if (batches <= 0 || n <= 0 || cpu_a < 0 || cpu_b < 0 || cpu_a == cpu_b) {
+        PyErr_SetString(PyExc_ValueError, "need batches, n > 0 and two different cores");
+        return NULL;
+    }
+    double *out = PyMem_Calloc((size_t)batches, sizeof(double));
+    struct cs_pair *p = NULL;
+    if (!out || posix_memalign((void **)&p, CS_LINE, sizeof(*p))) {
+        PyMem_Free(out);
+        return PyErr_NoMemory();
+    }
+    memset(p, 0, sizeof(*p));
+    p->cpu = cpu_b;
+    p->n = (batches + 1) * n;
+    struct cs_affinity aff;
+    int err;
+    pthread_t th;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu_a);
+    if (!err && pthread_create(&th, NULL, cs_pong, p) != 0)
+        err = EAGAIN;
+    if (!err) {
+        while (!__atomic_load_n(&p->running, __ATOMIC_ACQUIRE))
+            ;
+        Py_ssize_t i = 0;
+        for (Py_ssize_t b = -1; b < batches; b++) { /* batch -1 warms up */
+            int64_t t0 = mono_ns();
+            for (Py_ssize_t j = 0; j < n; j++, i++) {
+                __atomic_store_n(&p->word, 2 * i + 1, __ATOMIC_RELEASE);
+                while (__atomic_load_n(&p->word, __ATOMIC_ACQUIRE) != 2 * i + 2)
+                    ;
+            }
+            int64_t t1 = mono_ns();
+            if (b >= 0)
+                out[b] = (double)(t1 - t0) / (2.0 * (double)n);
+        }
+        __atomic_store_n(&p->stop, 1, __ATOMIC_RELAXED);
+        pthread_join(th, NULL);
+        if (p->pin_err)
+            err = p->pin_err;
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    free(p);
+    if (err) {
+        PyMem_Free(out);
+        return cs_oserror(err, "cost_line_transfer: cannot start or pin the second thread");
+    }
+    PyObject *lst = cs_list_f64(out, batches);
+    PyMem_Free(out);
+    return lst;
+}
+
+/* The other side of the context-switch ping-pong: sleeps on a until woken, wakes b. */
+static void *cs_switch_peer(void *arg)
+{
+    struct cs_pair *p = arg;
+    p->pin_err = cs_pin_thread(pthread_self(), p->cpu);
+    __atomic_store_n(&p->running, 1, __ATOMIC_RELEASE);
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        while (!__atomic_load_n(&p->a, __ATOMIC_ACQUIRE))
+            cs_futex(&p->a, FUTEX_WAIT_PRIVATE, 0);
+        __atomic_store_n(&p->a, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&p->b, 1, __ATOMIC_RELEASE);
+        cs_futex(&p->b, FUTEX_WAKE_PRIVATE, 1);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(cost_context_switch_doc,
+"cost_context_switch(batches, n, cpu) -> list of floats\n\n"
+"Two threads pinned to the same host core hand the core to each other n times per batch with\n"
+"futex wait/wake (perf bench sched pipe's shape: each hand-over is a wake-up and a switch);\n"
+"returns each batch's mean per hand-over (round trip / 2, ns).");
+
+static PyObject *M_cost_context_switch(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t batches, n;
+    int cpu;
+    if (!PyArg_ParseTuple(args, "nni", &batches, &n, &cpu))
+        return NULL;
+    if (batches <= 0 || n <= 0 || cpu < 0) {
+        PyErr_SetString(PyExc_ValueError, "need batches, n > 0 and a core");
+        return NULL;
+    }
+    double *out = PyMem_Calloc((size_t)batches, sizeof(double));
+    struct cs_pair *p = NULL;
+    if (!out || posix_memalign((void **)&p, CS_LINE, sizeof(*p))) {
+        PyMem_Free(out);
+        return PyErr_NoMemory();
+    }
+    memset(p, 0, sizeof(*p));
+    p->cpu = cpu;
+    p->n = (batches + 1) * n;
+    struct cs_affinity aff;
+    int err;
+    pthread_t th;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    if (!err && pthread_create(&th, NULL, cs_switch_peer, p) != 0)
+        err = EAGAIN;
+    if (!err) {
+        for (Py_ssize_t b = -1; b < batches; b++) {
+            int64_t t0 = mono_ns();
+            for (Py_ssize_t j = 0; j < n; j++) {
+                __atomic_store_n(&p->a, 1, __ATOMIC_RELEASE);
+                cs_futex(&p->a, FUTEX_WAKE_PRIVATE, 1);
+                while (!__atomic_load_n(&p->b, __ATOMIC_ACQUIRE))
+                    cs_futex(&p->b, FUTEX_WAIT_PRIVATE, 0);
+                __atomic_store_n(&p->b, 0, __ATOMIC_RELAXED);
+            }
+            int64_t t1 = mono_ns();
+            if (b >= 0)
+                out[b] = (double)(t1 - t0) / (2.0 * (double)n);
+        }
+        pthread_join(th, NULL);
+        if (p->pin_err)
+            err = p->pin_err;
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    free(p);
+    if (err) {
+        PyMem_Free(out);
+        return cs_oserror(err, "cost_context_switch: cannot start or pin the second thread");
+    }
+    PyObject *lst = cs_list_f64(out, batches);
+    PyMem_Free(out);
+    return lst;
+}
+
+/* A thread of this mm that keeps running on its core (so membarrier must IPI that core). */
+static void *cs_spinner(void *arg)
+{
+    struct cs_pair *p = arg;
+    p->pin_err = cs_pin_thread(pthread_self(), p->cpu);
+    __atomic_store_n(&p->running, 1, __ATOMIC_RELEASE);
+    while (!__atomic_load_n(&p->stop, __ATOMIC_RELAXED))
+        __asm__ __volatile__("" ::: "memory");
+    return NULL;
+}
+
+/* A thread of this mm that sleeps until told to stop: with it, mm_users > 1, so membarrier()
+ * takes its full path (runqueue scan, smp_call_function_many) instead of returning early. */
+static void *cs_sleeper(void *arg)
+{
+    struct cs_pair *p = arg;
+    while (!__atomic_load_n(&p->a, __ATOMIC_ACQUIRE))
+        cs_futex(&p->a, FUTEX_WAIT_PRIVATE, 0);
+    return NULL;
+}
+
+static int cs_membarrier(int cmd)
+{
+    return (int)syscall(__NR_membarrier, cmd, 0, 0);
+}
+
+/* The "Function call interrupts" count of host core `cpu` in /proc/interrupts (x86 CAL:,
+ * arm64 IPI1:), or -1 when it cannot be read.  The column is found from the header's CPUn. */
+static long long cs_fcall_irqs(int cpu)
+{
+    FILE *f = fopen("/proc/interrupts", "r");
+    if (!f)
+        return -1;
+    char line[8192];
+    long long res = -1;
+    int col = -1;
+    char *save = NULL;
+    if (fgets(line, sizeof(line), f)) {
+        int i = 0;
+        for (char *tok = strtok_r(line, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save), i++)
+            if (!strncmp(tok, "CPU", 3) && atoi(tok + 3) == cpu)
+                col = i;
+    }
+    while (col >= 0 && fgets(line, sizeof(line), f)) {
+        if (!strstr(line, "Function call interrupts"))
+            continue;
+        char *tok = strtok_r(line, " \t\n", &save); /* the label */
+        for (int i = 0; tok && i <= col; i++)
+            tok = strtok_r(NULL, " \t\n", &save);
+        if (tok)
+            res = atoll(tok);
+        break;
+    }
+    fclose(f);
+    return res;
+}
+
+PyDoc_STRVAR(cost_membarrier_doc,
+"cost_membarrier(n, cpu_self, cpu_other) -> dict\n\n"
+"membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) timed n times from host core cpu_self, twice.\n"
+"'alone': another thread of the process exists but sleeps, so the call takes its full path\n"
+"(the runqueue scan) and IPIs nobody.  'target': a second thread busy-loops on cpu_other, so\n"
+"the kernel IPIs that core and waits for the handler (smp_call_function_many(..., wait=1),\n"
+"the shape of a TLB-flush IPI) -- whenever that thread is the one running there.  'ipis':\n"
+"per target call, how many function-call interrupts cpu_other took meanwhile (read from\n"
+"/proc/interrupts outside the timed window; empty when that file has no such line), so the\n"
+"caller can keep the calls that did send an IPI.  Registers\n"
+"MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED first.  Raises OSError(errno) when the kernel has\n"
+"no membarrier or refuses it.");
+
+static PyObject *M_cost_membarrier(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t n;
+    int cpu_self, cpu_other;
+    if (!PyArg_ParseTuple(args, "nii", &n, &cpu_self, &cpu_other))
+        return NULL;
+    if (n <= 0 || cpu_self < 0 || cpu_other < 0 || cpu_self == cpu_other) {
+        PyErr_SetString(PyExc_ValueError, "need n > 0 and two different cores");
+        return NULL;
+    }
+    int64_t *alone = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    int64_t *target = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    int64_t *ipis = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    struct cs_pair *p = NULL;
+    if (!alone || !target || !ipis || posix_memalign((void **)&p, CS_LINE, sizeof(*p))) {
+        PyMem_Free(alone);
+        PyMem_Free(target);
+        PyMem_Free(ipis);
+        return PyErr_NoMemory();
+    }
+    memset(p, 0, sizeof(*p));
+    p->cpu = cpu_other;
+    struct cs_affinity aff = {.pinned = 0};
+    int err = 0, counted = cs_fcall_irqs(cpu_other) >= 0, sleeping = 0;
+    const char *what = "membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)";
+    pthread_t th, sl;
+    Py_BEGIN_ALLOW_THREADS
+    if (cs_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) != 0)
+        err = errno;
+    if (!err && (err = cs_pin(&aff, cpu_self)) != 0)
+        what = "cannot pin to the requested core";
+    if (!err) {
+        if (pthread_create(&sl, NULL, cs_sleeper, p) != 0) {
+            err = EAGAIN;
+            what = "cost_membarrier: cannot start the sleeping thread";
+        } else {
+            sleeping = 1;
+        }
+    }
+    if (!err) {
+        what = "membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)";
+        for (Py_ssize_t i = -16; i < n && !err; i++) {
+            int64_t t0 = mono_ns();
+            if (cs_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0)
+                err = errno;
+            int64_t t1 = mono_ns();
+            if (i >= 0)
+                alone[i] = t1 - t0;
+        }
+        if (!err && pthread_create(&th, NULL, cs_spinner, p) != 0) {
+            err = EAGAIN;
+            what = "cost_membarrier: cannot start the second thread";
+        } else if (!err) {
+            while (!__atomic_load_n(&p->running, __ATOMIC_ACQUIRE))
+                ;
+            for (Py_ssize_t i = -16; i < n && !err; i++) {
+                long long c0 = counted && i >= 0 ? cs_fcall_irqs(cpu_other) : 0;
+                int64_t t0 = mono_ns();
+                if (cs_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0)
+                    err = errno;
+                int64_t t1 = mono_ns();
+                long long c1 = counted && i >= 0 ? cs_fcall_irqs(cpu_other) : 0;
+                if (i >= 0) {
+                    target[i] = t1 - t0;
+                    ipis[i] = c1 - c0;
+                }
+            }
+            __atomic_store_n(&p->stop, 1, __ATOMIC_RELAXED);
+            pthread_join(th, NULL);
+            if (!err && p->pin_err) {
+                err = p->pin_err;
+                what = "cost_membarrier: cannot pin the second thread";
+            }
+        }
+    }
+    if (sleeping) {
+        __atomic_store_n(&p->a, 1, __ATOMIC_RELEASE);
+        cs_futex(&p->a, FUTEX_WAKE_PRIVATE, 1);
+        pthread_join(sl, NULL);
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    free(p);
+    PyObject *res = NULL;
+    if (err) {
+        cs_oserror(err, what);
+    } else {
+        PyObject *a = cs_list_i64(alone, n), *t = cs_list_i64(target, n);
+        PyObject *c = cs_list_i64(ipis, counted ? n : 0);
+        if (a && t && c)
+            res = Py_BuildValue("{s:O,s:O,s:O}", "alone", a, "target", t, "ipis", c);
+        Py_XDECREF(a);
+        Py_XDECREF(t);
+        Py_XDECREF(c);
+    }
+    PyMem_Free(alone);
+    PyMem_Free(target);
+    PyMem_Free(ipis);
+    return res;
+}
+
+/* ---- the kernel's own paths: faults, mmap, MADV_COLLAPSE, TLB walks ---------------------- */
+
+PyDoc_STRVAR(cost_fault_doc,
+"cost_fault(pages, rounds, cpu=-1) -> list of ints\n\n"
+"The minimal anonymous fault loop: mmap `pages` small pages (MADV_NOHUGEPAGE), then `rounds`\n"
+"times: touch each page (a write fault: do_anonymous_page allocates and zeroes a page; each\n"
+"touch timed on its own) and MADV_DONTNEED them all.  Returns the pages * rounds fault times\n"
+"(ns), the first round included.");
+
+static PyObject *M_cost_fault(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t pages, rounds;
+    int cpu = -1;
+    if (!PyArg_ParseTuple(args, "nn|i", &pages, &rounds, &cpu))
+        return NULL;
+    if (pages <= 0 || rounds <= 0 || pages > 512) {
+        PyErr_SetString(PyExc_ValueError, "need 1..512 pages and rounds > 0");
+        return NULL;
+    }
+    int64_t *out = PyMem_Calloc((size_t)(pages * rounds), sizeof(int64_t));
+    if (!out)
+        return PyErr_NoMemory();
+    struct cs_affinity aff;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    char *base = err ? NULL : cs_map(KP_PMD_SIZE, MADV_NOHUGEPAGE, 0);
+    if (!err && !base)
+        err = errno;
+    if (!err) {
+        size_t len = (size_t)pages * KP_PAGE_SIZE;
+        for (Py_ssize_t r = 0; r < rounds; r++) {
+            for (Py_ssize_t i = 0; i < pages; i++) {
+                char *q = base + i * KP_PAGE_SIZE;
+                int64_t t0 = mono_ns();
+                kp_touch(q, (uint64_t)i);
+                int64_t t1 = mono_ns();
+                out[r * pages + i] = t1 - t0;
+            }
+            madvise(base, len, MADV_DONTNEED);
+        }
+        munmap(base, KP_PMD_SIZE);
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    PyObject *lst = err ? cs_oserror(err, "cost_fault: cannot map or pin") : cs_list_i64(out, pages * rounds);
+    PyMem_Free(out);
+    return lst;
+}
+
+PyDoc_STRVAR(cost_thp_fault_doc,
+"cost_thp_fault(n, cpu=-1, batch=1) -> list of ints\n\n"
+"n THP faults: `batch` fresh 2 MiB-aligned ranges advised MADV_HUGEPAGE are mapped at a time,\n"
+"the first write to each timed (do_huge_pmd_anonymous_page allocates an order-9 folio and\n"
+"clears 2 MiB, when THP allows; the caller checks /proc/vmstat thp_fault_alloc), then all are\n"
+"unmapped.  batch=1 reuses one just-freed, cache-warm 2 MiB; a batch larger than the last-level\n"
+"cache clears pages that are not in it.  Returns n times (ns).");
+
+static PyObject *M_cost_thp_fault(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t n, batch = 1;
+    int cpu = -1;
+    if (!PyArg_ParseTuple(args, "n|in", &n, &cpu, &batch))
+        return NULL;
+    if (n <= 0 || batch <= 0 || batch > 4096) {
+        PyErr_SetString(PyExc_ValueError, "n must be positive, batch in 1..4096");
+        return NULL;
+    }
+    int64_t *out = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    if (!out)
+        return PyErr_NoMemory();
+    struct cs_affinity aff;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    for (Py_ssize_t i = 0; i < n && !err; i += batch) {
+        Py_ssize_t m = n - i < batch ? n - i : batch;
+        size_t len = (size_t)m * KP_PMD_SIZE;
+        char *base = cs_map(len, MADV_HUGEPAGE, 0);
+        if (!base) {
+            err = errno;
+            break;
+        }
+        for (Py_ssize_t j = 0; j < m; j++) {
+            int64_t t0 = mono_ns();
+            kp_touch(base + j * KP_PMD_SIZE, (uint64_t)(i + j));
+            int64_t t1 = mono_ns();
+            out[i + j] = t1 - t0;
+        }
+        munmap(base, len);
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    PyObject *lst = err ? cs_oserror(err, "cost_thp_fault: cannot map or pin") : cs_list_i64(out, n);
+    PyMem_Free(out);
+    return lst;
+}
+
+PyDoc_STRVAR(cost_mmap_doc,
+"cost_mmap(n, nbytes, cpu=-1) -> list of ints\n\n"
+"n times: mmap() an anonymous private region of nbytes and munmap() it untouched (no page\n"
+"faults), timed as one pair.  Returns n pair times (ns).");
+
+static PyObject *M_cost_mmap(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t n, nbytes;
+    int cpu = -1;
+    if (!PyArg_ParseTuple(args, "nn|i", &n, &nbytes, &cpu))
+        return NULL;
+    if (n <= 0 || nbytes <= 0) {
+        PyErr_SetString(PyExc_ValueError, "n and nbytes must be positive");
+        return NULL;
+    }
+    int64_t *out = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    if (!out)
+        return PyErr_NoMemory();
+    struct cs_affinity aff;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    for (Py_ssize_t i = -16; i < n && !err; i++) {
+        int64_t t0 = mono_ns();
+        void *p = mmap(NULL, (size_t)nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            err = errno;
+            break;
+        }
+        munmap(p, (size_t)nbytes);
+        int64_t t1 = mono_ns();
+        if (i >= 0)
+            out[i] = t1 - t0;
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    PyObject *lst = err ? cs_oserror(err, "cost_mmap: mmap failed") : cs_list_i64(out, n);
+    PyMem_Free(out);
+    return lst;
+}
+
+/* The load of cost_collapse: faults pages on another core, so that core always has pages in
+ * its per-CPU LRU batches and lru_add_drain_all() must queue work there and wait for it. */
+struct cs_load {
+    int stop __attribute__((aligned(CS_LINE)));
+    int running;
+    int cpu, pinned, idle;
+    char *base;
+};
+
+static void *cs_fault_load(void *arg)
+{
+    struct cs_load *l = arg;
+    /* SCHED_IDLE as in the probe's load threads: the drain's kworker on this core runs at
+     * once instead of waiting out the load's time slice (core/kernel_probe.py explains). */
+    l->pinned = cs_pin_thread(pthread_self(), l->cpu) == 0;
+    __atomic_store_n(&l->running, 1, __ATOMIC_RELEASE); /* before SCHED_IDLE: a busy core may
+                                                             not run an idle thread for long */
+    struct sched_param sp = {0};
+    l->idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0;
+    uint64_t v = 0;
+    while (!__atomic_load_n(&l->stop, __ATOMIC_RELAXED)) {
+        for (size_t i = 0; i < 64; i++)
+            kp_touch(l->base + i * KP_PAGE_SIZE, ++v);
+        madvise(l->base, 64 * KP_PAGE_SIZE, MADV_DONTNEED);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(cost_collapse_doc,
+"cost_collapse(n, cpu_self=-1, cpu_load=-1, present=512) -> dict\n\n"
+"n times, on host core cpu_self: a fresh 2 MiB range whose first `present` small pages are\n"
+"populated (under MADV_NOHUGEPAGE, then MADV_HUGEPAGE; the rest stay pte_none, which\n"
+"MADV_COLLAPSE accepts: it ignores max_ptes_none), MADV_COLLAPSE timed on it ('collapse':\n"
+"drain + scan + collapse_huge_page: allocate, isolate, flush, copy the present pages and clear\n"
+"the others, install), then MADV_COLLAPSE\n"
+"timed again on the now PMD-mapped range ('drain': madvise_collapse() runs\n"
+"lru_add_drain_all() and finds SCAN_PMD_MAPPED at once -- the drain and the call's fixed\n"
+"cost), then munmap.  With cpu_load >= 0 a SCHED_IDLE thread faults pages on that core\n"
+"meanwhile (as `ptlab kernel`'s load does), so the drain has a remote CPU to flush.\n"
+"Returns {'collapse': [ns of the calls that succeeded], 'drain': [ns], 'errors': {errno: n},\n"
+"'load_pinned': bool, 'load_idle': bool}.");
+
+static PyObject *M_cost_collapse(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t n, present = (Py_ssize_t)KP_PAGES_PER_PMD;
+    int cpu_self = -1, cpu_load = -1;
+    if (!PyArg_ParseTuple(args, "n|iin", &n, &cpu_self, &cpu_load, &present))
+        return NULL;
+    if (n <= 0 || present < 1 || present > (Py_ssize_t)KP_PAGES_PER_PMD) {
+        PyErr_SetString(PyExc_ValueError, "n must be positive, present in 1..512");
+        return NULL;
+    }
+    int64_t *coll = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    int64_t *drain = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    int *errs = PyMem_Calloc((size_t)n, sizeof(int));
+    struct cs_load *l = NULL;
+    if (!coll || !drain || !errs || posix_memalign((void **)&l, CS_LINE, sizeof(*l))) {
+        PyMem_Free(coll);
+        PyMem_Free(drain);
+        PyMem_Free(errs);
+        return PyErr_NoMemory();
+    }
+    memset(l, 0, sizeof(*l));
+    l->cpu = cpu_load;
+    struct cs_affinity aff;
+    int err = 0, load = 0;
+    Py_ssize_t nc = 0, nd = 0;
+    const char *what = "cost_collapse: cannot pin";
+    pthread_t th;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu_self);
+    if (!err && cpu_load >= 0) {
+        l->base = cs_map(KP_PMD_SIZE, MADV_NOHUGEPAGE, 0);
+        if (!l->base) {
+            err = errno;
+            what = "cost_collapse: cannot map the load's pages";
+        } else if (pthread_create(&th, NULL, cs_fault_load, l) != 0) {
+            err = EAGAIN;
+            what = "cost_collapse: cannot start the load thread";
+        } else {
+            load = 1;
+            while (!__atomic_load_n(&l->running, __ATOMIC_ACQUIRE))
+                ;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        char *base = cs_map(KP_PMD_SIZE, MADV_NOHUGEPAGE, 0);
+        if (!base) {
+            err = errno;
+            what = "cost_collapse: cannot map a range";
+            break;
+        }
+        for (Py_ssize_t pg = 0; pg < present; pg++)
+            kp_touch(base + pg * KP_PAGE_SIZE, (uint64_t)pg | 1);
+        madvise(base, KP_PMD_SIZE, MADV_HUGEPAGE);
+        int64_t t0 = mono_ns();
+        int rc = madvise(base, KP_PMD_SIZE, MADV_COLLAPSE);
+        int64_t t1 = mono_ns();
+        int e = rc ? errno : 0;
+        if (e) {
+            errs[i] = e;
+        } else {
+            coll[nc++] = t1 - t0;
+            t0 = mono_ns();
+            rc = madvise(base, KP_PMD_SIZE, MADV_COLLAPSE);
+            t1 = mono_ns();
+            if (rc == 0)
+                drain[nd++] = t1 - t0;
+        }
+        munmap(base, KP_PMD_SIZE);
+        if (e == EINVAL) /* no MADV_COLLAPSE here: no point going on */
+            break;
+    }
+    if (load) {
+        __atomic_store_n(&l->stop, 1, __ATOMIC_RELAXED);
+        struct sched_param sp = {0};
+        pthread_setschedparam(th, SCHED_OTHER, &sp); /* so that it gets to see the stop */
+        pthread_join(th, NULL);
+    }
+    if (l->base)
+        munmap(l->base, KP_PMD_SIZE);
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    PyObject *res = NULL;
+    if (err) {
+        cs_oserror(err, what);
+    } else {
+        PyObject *c = cs_list_i64(coll, nc), *d = cs_list_i64(drain, nd), *ed = PyDict_New();
+        int ok = c && d && ed;
+        for (Py_ssize_t i = 0; ok && i < n; i++) {
+            if (!errs[i])
+                continue;
+            PyObject *key = PyLong_FromLong(errs[i]);
+            PyObject *old = key ? PyDict_GetItemWithError(ed, key) : NULL;
+            long cnt = old ? PyLong_AsLong(old) + 1 : 1;
+            PyObject *val = PyLong_FromLong(cnt);
+            ok = key && val && !PyErr_Occurred() && PyDict_SetItem(ed, key, val) == 0;
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+        }
+        if (ok)
+            res = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O}", "collapse", c, "drain", d, "errors", ed,
+                                "load_pinned", (load && l->pinned) ? Py_True : Py_False,
+                                "load_idle", (load && l->idle) ? Py_True : Py_False);
+        Py_XDECREF(c);
+        Py_XDECREF(d);
+        Py_XDECREF(ed);
+    }
+    free(l);
+    PyMem_Free(coll);
+    PyMem_Free(drain);
+    PyMem_Free(errs);
+    return res;
+}
+
+PyDoc_STRVAR(cost_tlb_walk_doc,
+"cost_tlb_walk(pages, batches, n, huge, cpu=-1) -> list of floats\n\n"
+"A dependent pointer chase over one cache line in each of `pages` pages (a random cyclic\n"
+"order; the line's offset in its page varies so the lines spread over the cache sets), in a\n"
+"buffer mapped with small pages (huge=0: MADV_NOHUGEPAGE, so with pages beyond the STLB's\n"
+"reach nearly every load misses the TLB) or with 2 MiB pages (huge=1: MADV_HUGEPAGE; the\n"
+"caller checks thp_fault_alloc).  Same lines, same order in both, so the difference per load is\n"
+"the page walk (its entries cached).  Returns each batch's mean ns per load.");
+
+static PyObject *M_cost_tlb_walk(PyObject *mod, PyObject *args)
+{
+    Py_ssize_t pages, batches, n;
+    int huge, cpu = -1;
+    if (!PyArg_ParseTuple(args, "nnnp|i", &pages, &batches, &n, &huge, &cpu))
+        return NULL;
+    if (pages < 2 || pages % KP_PAGES_PER_PMD || batches <= 0 || n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "need pages a multiple of 512 and batches, n > 0");
+        return NULL;
+    }
+    double *out = PyMem_Calloc((size_t)batches, sizeof(double));
+    Py_ssize_t *order = PyMem_Calloc((size_t)pages, sizeof(Py_ssize_t));
+    if (!out || !order) {
+        PyMem_Free(out);
+        PyMem_Free(order);
+        return PyErr_NoMemory();
+    }
+    struct cs_affinity aff;
+    int err;
+    size_t len = (size_t)pages * KP_PAGE_SIZE;
+    Py_BEGIN_ALLOW_THREADS
+    err = cs_pin(&aff, cpu);
+    char *buf = err ? NULL : cs_map(len, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE, 1);
+    if (!err && !buf)
+        err = errno;
+    if (!err) {
+        uint64_t rng = 0x9E3779B97F4A7C15ULL;
+        for (Py_ssize_t i = 0; i < pages; i++)
+            order[i] = i;
+        for (Py_ssize_t i = pages - 1; i > 0; i--) { /* Fisher-Yates */
+            Py_ssize_t j = (Py_ssize_t)(xorshift64(&rng) % (uint64_t)(i + 1));
+            Py_ssize_t t = order[i];
+            order[i] = order[j];
+            order[j] = t;
+        }
+#define CS_SLOT(pg) (buf + (pg) * KP_PAGE_SIZE + ((pg) % (KP_PAGE_SIZE / CS_LINE)) * CS_LINE)
+        for (Py_ssize_t i = 0; i < pages; i++)
+            *(void **)CS_SLOT(order[i]) = CS_SLOT(order[(i + 1) % pages]);
+        void *p = CS_SLOT(order[0]);
+#undef CS_SLOT
+        for (Py_ssize_t b = -1; b < batches; b++) {
+            int64_t t0 = mono_ns();
+            for (Py_ssize_t i = 0; i < n; i++)
+                p = *(void *volatile *)p;
+            int64_t t1 = mono_ns();
+            if (b >= 0)
+                out[b] = (double)(t1 - t0) / (double)n;
+        }
+        __asm__ __volatile__("" : : "r"(p) : "memory");
+        munmap(buf, len);
+    }
+    cs_unpin(&aff);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(order);
+    PyObject *lst = err ? cs_oserror(err, "cost_tlb_walk: cannot map or pin") : cs_list_f64(out, batches);
+    PyMem_Free(out);
+    return lst;
+}
+
 static PyMethodDef module_methods[] = {
     {"run_phase", M_run_phase, METH_VARARGS, run_phase_doc},
     {"collapse_check", M_collapse_check, METH_VARARGS, collapse_check_doc},
     {"abort", M_abort, METH_NOARGS, "abort() -> None: end the running phase early"},
+    {"cost_loop", M_cost_loop, METH_VARARGS, cost_loop_doc},
+    {"cost_copy", M_cost_copy, METH_VARARGS, cost_copy_doc},
+    {"cost_line_transfer", M_cost_line_transfer, METH_VARARGS, cost_line_transfer_doc},
+    {"cost_context_switch", M_cost_context_switch, METH_VARARGS, cost_context_switch_doc},
+    {"cost_membarrier", M_cost_membarrier, METH_VARARGS, cost_membarrier_doc},
+    {"cost_fault", M_cost_fault, METH_VARARGS, cost_fault_doc},
+    {"cost_thp_fault", M_cost_thp_fault, METH_VARARGS, cost_thp_fault_doc},
+    {"cost_mmap", M_cost_mmap, METH_VARARGS, cost_mmap_doc},
+    {"cost_collapse", M_cost_collapse, METH_VARARGS, cost_collapse_doc},
+    {"cost_tlb_walk", M_cost_tlb_walk, METH_VARARGS, cost_tlb_walk_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -167,14 +167,19 @@ class Comparison:
                     cols["stat"].append(name)
                     cols["value"].append(None if is_text or v is None else float(v))
                     cols["text"].append(str(v) if is_text and v is not None else None)
-        meta = {"baseline": self.baseline, "strategies": list(self.strategies),
-                "groups": list(self.groups), "notes": list(self.notes), "hosts": list(self.hosts)}
+        meta = {"format_version": COMPARE_FORMAT_VERSION, "baseline": self.baseline,
+                "strategies": list(self.strategies), "groups": list(self.groups),
+                "notes": list(self.notes), "hosts": list(self.hosts)}
+        # strings repeat a few values thousands of times: dictionary-encoded, as in result files
+        dict_t = pa.dictionary(pa.int32(), pa.string())
         schema = pa.schema([
-            ("section", pa.string()), ("strategy", pa.string()), ("config", pa.string()),
-            ("key", pa.string()),
-            ("stat", pa.string()), ("value", pa.float64()), ("text", pa.string()),
+            ("section", dict_t), ("strategy", dict_t), ("config", dict_t), ("key", dict_t),
+            ("stat", dict_t), ("value", pa.float64()), ("text", dict_t),
         ], metadata={b"ptlab_compare": json.dumps(meta, sort_keys=True, default=str).encode()})
-        return pa.table(cols, schema=schema)
+        arrays = [pa.array(cols[f.name], pa.string()).dictionary_encode()
+                  if pa.types.is_dictionary(f.type) else pa.array(cols[f.name], f.type)
+                  for f in schema]
+        return pa.Table.from_arrays(arrays, schema=schema)
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,12 +740,14 @@ def _rates(
         metrics: dict[str, list[float]] = {RATE_COLLAPSE_OK: [], RATE_COLLAPSE_ALL: []}
         metrics.update({f"{op}/s": [] for op in ops})
         for e in evs:
-            d = e.run.duration_s
+            d = e.run.duration_s  # measured (summary.duration_s) when the file has it
             coll = e.eq("op", "collapse")
             metrics[RATE_COLLAPSE_OK].append(float((coll & e.eq("result", COLLAPSE_OK)).sum()) / d)
             metrics[RATE_COLLAPSE_ALL].append(float(coll.sum()) / d)
             for op in ops:
-                metrics[f"{op}/s"].append(float(e.eq("op", op).sum()) / d)
+                # TLB-hit accesses are recorded one in access_sample: scale the count back up
+                n = float(e.eq("op", op).sum()) * e.run.sample_factor(op)
+                metrics[f"{op}/s"].append(n / d)
         for metric, values in metrics.items():
             per_run[(s, metric)] = values
             rows.append({
@@ -856,21 +863,38 @@ def _full_label(row: Mapping[str, Any]) -> str:
 # views
 
 
-def fmt_us(v: float | None) -> str:
-    """A time in µs with precision that fits its size ("—" for None)."""
+def fmt_num(v: float | None, digits: int = 3, *, missing: str = "—") -> str:
+    """The one number format of every ptlab table: ``digits`` significant digits in fixed
+    notation below 1,000 (5.12, 12.3, 123, 0.0512), whole numbers with thousands separators
+    from 1,000 up (1,234, 1,234,567); ``missing`` for None or NaN.  Never scientific
+    notation, never more digits than the measurement carries."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if v < 10:
-        return f"{v:.2f}"
-    if v < 1000:
-        return f"{v:.1f}"
+        return missing
+    v = float(v)
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    if abs(v) < 1000:
+        decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+        text = f"{v:.{decimals}f}"
+        if abs(float(text)) < 1000:
+            return text
     return f"{v:,.0f}"
 
 
+def fmt_count(n: int | None) -> str:
+    """A count with thousands separators (1,234,567)."""
+    return "—" if n is None else f"{int(n):,}"
+
+
+def fmt_us(v: float | None) -> str:
+    """A time in µs (fmt_num)."""
+    return fmt_num(v)
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return fmt_num(v, digits)
 
 
 def _fmt_p(p: float | None) -> str:
@@ -882,9 +906,9 @@ def _fmt_p(p: float | None) -> str:
 def _fmt_ratio(r: Mapping[str, Any]) -> str:
     if r["ratio"] is None:
         return "—"
-    s = f"×{r['ratio']:.3g}"
+    s = f"×{fmt_num(r['ratio'])}"
     if r["ci_low"] is not None and r["ci_high"] is not None:
-        s += f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+        s += f" [{fmt_num(r['ci_low'])}, {fmt_num(r['ci_high'])}]"
     return s
 
 
@@ -967,7 +991,7 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
     out.append((
         "Collapse results", "kernel scan result codes, all repeats pooled",
         ["strategy", "result", "count", "share"],
-        [[name(r), r["result"], f"{r['count']:,}", f"{100 * r['share']:.1f}%"]
+        [[name(r), r["result"], f"{r['count']:,}", f"{fmt_num(100 * r['share'])}%"]
          for r in cmp.results.to_pylist()],
     ))
     if cmp.baseline and len(cmp.groups) > 1:
@@ -980,7 +1004,7 @@ def _sections(cmp: Comparison) -> list[tuple[str, str, list[str], list[list[str]
                                 else f" (vs {names.get(r['baseline'], r['baseline'])})"), r["metric"],
               fmt_us(r["value"]) if r["metric"].startswith("latency:") else _fmt(r["value"], 4),
               fmt_us(r["baseline_value"]) if r["metric"].startswith("latency:") else _fmt(r["baseline_value"], 4),
-              _fmt_ratio(r), "—" if r["p99_ratio"] is None else f"×{r['p99_ratio']:.3g}",
+              _fmt_ratio(r), "—" if r["p99_ratio"] is None else f"×{fmt_num(r['p99_ratio'])}",
               _fmt_p(r["p_value"]), r["verdict"]]
              for r in cmp.ratios.to_pylist()],
         ))
@@ -1028,8 +1052,8 @@ def render_rich(cmp: Comparison) -> list[Any]:
                   title_justify="left", caption_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
         for i, h in enumerate(header):
-            t.add_column(h, justify="left" if _left(i, h) else "right",
-                         max_width=40 if i == 0 else None)
+            # fold, never "…": a name or number is wrapped on a narrow terminal, not cut
+            t.add_column(h, justify="left" if _left(i, h) else "right", overflow="fold")
         for row in rows:
             style = ""
             if header[-1] == "verdict":
@@ -1043,14 +1067,68 @@ def render_rich(cmp: Comparison) -> list[Any]:
     return out
 
 
-def render_text(cmp: Comparison, *, width: int = 140) -> str:
-    """The terminal view as plain text (no colour), e.g. for a file."""
+def render_text(cmp: Comparison, *, width: int = 1000) -> str:
+    """The terminal tables as plain text (no colour), e.g. for a file: as wide as the
+    content needs (``width`` is only an upper bound), nothing cut."""
     from rich.console import Console
 
     buf = io.StringIO()
     console = Console(file=buf, width=width, no_color=True, force_terminal=False)
     for r in render_rich(cmp):
         console.print(r)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# machine-readable views: JSON, CSV, Arrow
+
+COMPARE_FORMAT_VERSION = 1  # of the JSON, CSV and Arrow outputs (bump when their shape changes)
+
+
+def to_json_dict(cmp: Comparison) -> dict[str, Any]:
+    """The comparison as plain JSON-able data with stable keys: every table a list of rows,
+    every row with every column of its schema (null when missing), NaN as null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    names = _short_names(cmp)
+    out: dict[str, Any] = {
+        "format": "ptlab-compare",
+        "format_version": COMPARE_FORMAT_VERSION,
+        "baseline": cmp.baseline,
+        "strategies": list(cmp.strategies),
+        "groups": [
+            {"label": label, "name": names[label], "strategy": strategy, "config": config,
+             "runs": n}
+            for label, (strategy, config, n) in zip(cmp.groups, cmp.group_params, strict=True)
+        ],
+        "notes": list(cmp.notes),
+        "hosts": [dict(h) for h in cmp.hosts],
+    }
+    for section, table in cmp.tables().items():
+        out[section] = [{k: clean(v) for k, v in row.items()} for row in table.to_pylist()]
+    return out
+
+
+def render_json(cmp: Comparison) -> str:
+    """to_json_dict as indented JSON with sorted keys (diff-friendly, stable for scripts)."""
+    return json.dumps(to_json_dict(cmp), indent=1, sort_keys=True, default=str) + "\n"
+
+
+def render_csv(cmp: Comparison) -> str:
+    """The long ("tidy") table of to_arrow() as CSV: section, strategy, config, key, stat,
+    value, text -- one number per row, for spreadsheets and R."""
+    import csv
+
+    table = cmp.to_arrow()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(table.column_names)
+    for row in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+        w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
     return buf.getvalue()
 
 
@@ -1067,9 +1145,174 @@ def write_comparison_arrow(cmp: Comparison, path: str | os.PathLike[str]) -> Pat
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# the mailing-list view: plain ASCII text, at most 72 columns
+
+TEXT_WIDTH = 72
+_TEXT_LABEL = 24  # the row-label column; 3 value columns of 16 fill the rest
+_TEXT_CELL = 16  # a value (9) + " " + a ratio with its mark (6)
+
+
+def _ascii_num(v: float | None, digits: int = 3) -> str:
+    """fmt_num in ASCII, at most 9 characters (larger numbers in scientific notation)."""
+    text = fmt_num(v, digits, missing="-")
+    return text if len(text) <= 9 else f"{float(v):.2e}"  # type: ignore[arg-type]
+
+
+def _text_ratio(ratio: float | None, mark: str) -> str:
+    """``x`` + the ratio in at most 4 characters (3 significant digits from 0.1 to 1,000, two
+    decimals down to 0.01, else scientific: 5e-3, 2e3) + the mark."""
+    if ratio is None or not math.isfinite(ratio):
+        return ""
+    r = abs(ratio)
+    if r == 0:
+        text = "0"
+    elif 0.01 <= r < 0.1:
+        text = f"{ratio:.2f}"
+    elif r < 0.01 or r >= 1000:
+        mant, _, exp = f"{ratio:.0e}".partition("e")
+        text = f"{mant}e{int(exp)}"
+    elif r < 10:
+        text = f"{ratio:.2f}"
+    elif r < 100:
+        text = f"{ratio:.1f}"
+    else:
+        text = f"{ratio:.0f}"
+    return f"x{text}{mark}"
+
+
+def render_mail_text(cmp: Comparison) -> str:
+    """A fixed-width, ASCII, at most 72-column summary to paste into a mailing-list reply, in
+    the spirit of mmtests' compare output: one column per group, the baseline first; each
+    value with its ratio to the baseline and ``*`` when the difference is significant
+    (two-sided Mann-Whitney U p < 0.05 and a bootstrap 95% interval that excludes 1).  Ratios
+    without a test (p99, waits, results) carry no mark.  Groups that do not fit side by side
+    continue in further blocks, each led by its baseline again; names that do not fit their
+    column are wrapped, never cut."""
+    import textwrap
+
+    names = _short_names(cmp)
+    ratios = cmp.ratios.to_pylist()
+    ratio_of = {(_full_label(r), r["metric"]): r for r in ratios}
+    base_of: dict[str, str] = {}
+    for r in ratios:
+        base_of.setdefault(_full_label(r), r["baseline"])
+    # value tables keyed by (group label, key)
+    lat = {(_full_label(r), r["op"]): r for r in cmp.latency.to_pylist()}
+    waits = {(_full_label(r), r["role"]): r for r in cmp.waits.to_pylist()}
+    rates = {(_full_label(r), r["metric"]): r for r in cmp.rates.to_pylist()}
+    results = {(_full_label(r), r["result"]): r for r in cmp.results.to_pylist()}
+    with_results = {g for g, _ in results}
+
+    # blocks of columns: a baseline group and the groups measured against it
+    per_block = (TEXT_WIDTH - _TEXT_LABEL) // _TEXT_CELL - 1
+    bases = [g for g in cmp.groups if g in set(base_of.values())]
+    blocks: list[tuple[str | None, list[str]]] = []
+    for b in bases:
+        members = [g for g in cmp.groups if base_of.get(g) == b]
+        for i in range(0, len(members), per_block):
+            blocks.append((b, [b] + members[i:i + per_block]))
+    alone = [g for g in cmp.groups if g not in base_of and g not in bases]
+    for i in range(0, len(alone), per_block + 1):
+        blocks.append((None, alone[i:i + per_block + 1]))
+
+    out: list[str] = []
+
+    def wrap(text: str, indent: str = "") -> None:
+        out.extend(textwrap.wrap(text, TEXT_WIDTH, subsequent_indent=indent) or [""])
+
+    def row(label: str, cells: list[str]) -> None:
+        body = "".join(c.ljust(_TEXT_CELL) for c in cells).rstrip()
+        if len(label) < _TEXT_LABEL:
+            out.append((label.ljust(_TEXT_LABEL) + body).rstrip())
+        else:  # a long label gets a line of its own
+            out.extend([label, (" " * _TEXT_LABEL + body).rstrip()])
+
+    def values(label: str, block: list[str], base: str | None, get: Any,
+               metric: str | None = None, field: str = "ratio", tested: bool = False) -> None:
+        """One row: get(group) for each column, with the ratio to the baseline column --
+        from the ratios table (``metric``/``field``) or, without a metric, computed."""
+        cells = []
+        for g in block:
+            v = get(g)
+            ratio = ""
+            if g != base and base is not None:
+                if metric is not None:
+                    rr = ratio_of.get((g, metric))
+                    if rr is not None:
+                        mark = "*" if tested and rr["verdict"] == SIGNIFICANT else ""
+                        ratio = _text_ratio(rr[field], mark)
+                else:
+                    bv = get(base)
+                    if isinstance(v, (int, float)) and isinstance(bv, (int, float)) and bv:
+                        ratio = _text_ratio(v / bv, "")
+            text = _ascii_num(v).rjust(9)
+            cells.append(f"{text} {ratio}" if ratio else text)
+        if any(c.strip() != "-" for c in cells):
+            row(label, cells)
+
+    counts = ", ".join(f"{n} {names[g]}"
+                       for g, (_, _, n) in zip(cmp.groups, cmp.group_params, strict=True))
+    wrap(f"ptlab compare: {cmp.runs.num_rows} runs ({counts})")
+    if ratios:
+        wrap(f"Ratios against {cmp.baseline}; * = significant (two-sided Mann-Whitney U "
+             f"p < {ALPHA} and bootstrap 95% interval excluding 1); p99 ratios, waits and "
+             "results are not tested.")
+    for g, (_, config, _) in zip(cmp.groups, cmp.group_params, strict=True):
+        if config:
+            wrap(f"  {names[g]} = {g}", "      ")
+
+    for base, block in blocks:
+        out.append("")
+        heads = [textwrap.wrap(names[g], _TEXT_CELL - 1) or [""] for g in block]
+        for k in range(max(len(h) for h in heads)):
+            row("", [(h[k] if k < len(h) else "").rjust(9) for h in heads])
+        ops = _ordered({op for g, op in lat if g in block}, OP_ORDER)
+        if ops:
+            out.append("Latency (us)")
+        for op in ops:
+            def lat_of(g: str, key: str, op: str = op) -> Any:
+                return (lat.get((g, op)) or {}).get(key)
+
+            values(f"  {op} p50", block, base, lambda g, f=lat_of: f(g, "median_us"),
+                   f"latency:{op}", "ratio", tested=True)
+            values(f"  {op} p99", block, base, lambda g, f=lat_of: f(g, "p99_us"),
+                   f"latency:{op}", "p99_ratio")
+            values(f"  {op} p99.9", block, base, lambda g, f=lat_of: f(g, "p999_us"))
+        roles = _ordered({ro for g, ro in waits if g in block}, ROLE_ORDER)
+        if roles:
+            out.append("Waits per collapse (ms)")
+        for role in roles:
+            for how in ("spin", "sleep"):
+                values(f"  {role} {how}", block, base,
+                       lambda g, role=role, how=how: (waits.get((g, role)) or {}).get(
+                           f"{how}_ms_per_collapse"))
+        shown = [m for m in MAIN_RATES if any((g, m) in rates for g in block)]
+        if shown:
+            out.append("Rates (per s, hmean over runs)")
+        for m in shown:
+            values(f"  {m}", block, base,
+                   lambda g, m=m: (rates.get((g, m)) or {}).get("hmean_per_s"),
+                   f"rate:{m}", "ratio", tested=True)
+        codes = sorted({c for g, c in results if g in block}, key=lambda c: (c != COLLAPSE_OK, c))
+        if codes:
+            out.append("Collapse results (% of attempts)")
+        for code in codes:
+            values(f"  {code}", block, base,
+                   lambda g, code=code: 100 * results[(g, code)]["share"] if (g, code) in results
+                   else (0.0 if g in with_results else None))
+    if cmp.notes:
+        out.append("")
+        for n in cmp.notes:
+            wrap(f"note: {n}", "      ")
+    text = "\n".join(line.rstrip() for line in out) + "\n"
+    return text.replace("µ", "u").replace("×", "x").replace("—", "-").replace("…", "...")
+
+
 __all__ = [
     "Comparison", "RunGroup", "compare_paths", "compare_runs", "group_runs", "group_label",
-    "waits_table", "render_markdown", "render_rich",
-    "render_text", "write_comparison_arrow", "harmonic_mean", "latency_quantiles_us",
-    "bootstrap_median_ratio", "fmt_us", "SIGNIFICANT", "NOT_SIGNIFICANT", "NO_TEST",
+    "waits_table", "render_markdown", "render_rich", "render_text", "render_mail_text",
+    "render_json", "render_csv", "to_json_dict", "write_comparison_arrow", "harmonic_mean",
+    "latency_quantiles_us", "bootstrap_median_ratio", "fmt_num", "fmt_count", "fmt_us",
+    "SIGNIFICANT", "NOT_SIGNIFICANT", "NO_TEST", "COMPARE_FORMAT_VERSION", "TEXT_WIDTH",
 ]

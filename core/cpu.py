@@ -63,6 +63,8 @@ from ptlab.core.layout import (
     ST_RUN,
     STOP,
     TLB_GEN,
+    cpumask_cpus,
+    cpumask_slot,
 )
 from ptlab.core.machine import Machine
 from ptlab.core.shm import pid_alive
@@ -98,8 +100,10 @@ class CpuContext:
         self.tlb_entries = tlb_entries
         self.tlb_gen = self.ctl.load64(TLB_GEN)  # broadcast ring generation applied
         self.local_gen = self.ctl.load64(MM_TLB_GEN)  # flush generation this TLB is up to date with
-        # khugepaged is a kernel thread: not in mm_cpumask, no flush IPIs, no user TLB entries
-        self.kthread = role == "khugepaged"
+        # khugepaged is a kernel thread: not in mm_cpumask, no flush IPIs, no user TLB entries;
+        # so are the rmap walker (kswapd/kcompactd) and the page-table walker (another process
+        # reading /proc/pid/smaps or calling process_madvise(): it never runs this mm)
+        self.kthread = role in ("khugepaged", "rmap-walk", "pt-walk")
         self.irqs_off = False
         self.spin_ns = 0
         self.sleep_ns = 0
@@ -116,6 +120,11 @@ class CpuContext:
         # test hooks: point name -> callable run when this CPU passes ``chaos(point)``; the
         # in-process stepper (tests/_stepper.py) parks a CPU here to force an interleaving
         self.hooks: dict[str, Callable[[], None]] = {}
+        self.wait_timed_out = False  # the last futex_sleep ended by its timeout (core/locks.py)
+        # the clock (ns): wall-clock perf counter here; the scheduled backend gives a virtual one
+        self.now: Callable[[], int] = now_ns
+        # the scheduled backend's story: called with each named kernel step when tracing
+        self.on_step: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ registration
     def register(self) -> None:
@@ -131,7 +140,7 @@ class CpuContext:
         any page-table read), then catch up if a flush happened while we were lazy."""
         if self.kthread:
             return
-        self.ctl.fetch_or64(MM_CPUMASK, 1 << self.id)
+        self.ctl.fetch_or64(*cpumask_slot(self.id))
         if not self.broadcast:
             mm_gen = self.ctl.load64(MM_TLB_GEN)
             if self.local_gen < mm_gen:
@@ -143,7 +152,8 @@ class CpuContext:
         entries.  A request already posted is serviced first, so no flusher waits on a sleeper."""
         if self.kthread:
             return
-        self.ctl.fetch_and64(MM_CPUMASK, ~(1 << self.id))
+        off, bit = cpumask_slot(self.id)
+        self.ctl.fetch_and64(off, ~bit)
         if self.ctl.load32(self.ipi_flag_off):
             self.service_ipi()
         self.stats["lazy"] = self.stats.get("lazy", 0) + 1
@@ -160,6 +170,7 @@ class CpuContext:
 
     def service_ipi(self) -> None:
         """The IPI handler: flush_tlb_func() with x86's generation rule, then ack."""
+        self.charge("ipi_handler")
         ctl, b = self.ctl, self.base
         ctl.store32(b + CPU_IPI_FLAG, 0)
         req = ctl.load64(b + CPU_IPI_REQ)
@@ -231,7 +242,9 @@ class CpuContext:
         """flush_tlb_range(vma, start, end) over vpns [start, end) -> flush_tlb_mm_range():
         inc_mm_tlb_gen(), the local flush (not for a kernel thread), then the remote one.
         Returns ns until complete."""
-        t0 = now_ns()
+        t0 = self.now()
+        if self.on_step is not None:
+            self.on_step(f"flush_tlb_range [{start}, {end})")
         gen = self.ctl.fetch_add64(MM_TLB_GEN, 1) + 1  # a full barrier after the PTE changes
         if not self.kthread:
             self.flush_tlb_func(start, end, gen)
@@ -239,19 +252,23 @@ class CpuContext:
             self._broadcast(start, end)
         else:
             self._ipi_and_wait(start, end, self._cpumask_others(), gen)
-        return now_ns() - t0
+        return self.now() - t0
 
     def tlb_remove_table_sync_one(self) -> int:
         """An empty IPI to every other CPU, waiting for each (mm/mmu_gather.c): after it, no
         IRQs-off GUP-fast walker that started before can still be in the old table."""
-        t0 = now_ns()
+        t0 = self.now()
+        if self.on_step is not None:
+            self.on_step("tlb_remove_table_sync_one")
         others = [c for c in range(self.nr_cpus) if c != self.id]
         self._ipi_and_wait(NO_RANGE_START, -1, others)
-        return now_ns() - t0
+        return self.now() - t0
 
     def _cpumask_others(self) -> list[int]:
-        mask = self.ctl.load64(MM_CPUMASK) & ~(1 << self.id)
-        return [c for c in range(self.nr_cpus) if mask >> c & 1]
+        return [c for c in cpumask_cpus(self._cpumask_words()) if c != self.id and c < self.nr_cpus]
+
+    def _cpumask_words(self) -> list[int]:
+        return [self.ctl.load64(MM_CPUMASK + 8 * w) for w in range((self.nr_cpus + 63) >> 6)]
 
     def _broadcast(self, start: int, end: int) -> None:
         ctl = self.ctl
@@ -262,6 +279,7 @@ class CpuContext:
         while not ctl.cas64(TLB_GEN, g - 1, g):  # publish in claim order
             self.interrupt_point()
             self.check_stop()
+            self.cpu_relax()
         # the invalidation completes when no access through an old translation is in flight
         # (the DSB after a TLBI): wait for each CPU's in-access flag, never for its cooperation
         L = self.m.L
@@ -270,6 +288,7 @@ class CpuContext:
                 while ctl.load32(L.cpu(c) + CPU_IN_ACCESS):
                     if not self.irqs_off and ctl.load32(self.ipi_flag_off):
                         self.service_ipi()
+                    self.cpu_relax()
 
     def access_begin(self) -> None:
         """Broadcast mode: mark a load/store in flight (pairs with _broadcast's wait); the
@@ -303,22 +322,23 @@ class CpuContext:
             want[c] = ctl.fetch_add64(b + CPU_IPI_REQ, 1) + 1
             ctl.store32(b + CPU_IPI_FLAG, 1)
         ctl.store32(self.base + CPU_STATE, ST_IPI_WAIT)
-        t0 = now_ns()
+        t0 = self.now()
         last_check = t0
         try:
             while want:
-                mask = ctl.load64(MM_CPUMASK)
+                words = self._cpumask_words()
                 for c in list(want):
                     b = L.cpu(c)
                     # a CPU that went lazy is idle (not in a walk); it catches up when it returns
-                    if ctl.load64(b + CPU_IPI_ACK) >= want[c] or not mask >> c & 1:
+                    if ctl.load64(b + CPU_IPI_ACK) >= want[c] or not words[c >> 6] >> (c & 63) & 1:
                         del want[c]
                 if not want:
                     break
                 # interrupts stay on while smp_call_function_many waits: two flushers must not deadlock
                 if not self.irqs_off and ctl.load32(self.ipi_flag_off):
                     self.service_ipi()
-                now = now_ns()
+                self.cpu_relax()
+                now = self.now()
                 if now - last_check > IPI_BUDGET_NS:
                     last_check = now
                     self.check_stop()
@@ -327,7 +347,7 @@ class CpuContext:
                             raise OwnerDied(f"CPU {c} died before acking a TLB-flush IPI from CPU {self.id}")
         finally:
             ctl.store32(self.base + CPU_STATE, ST_RUN)
-        waited = now_ns() - t0
+        waited = self.now() - t0
         if waited > 0:
             self.account_spin(waited, "tlb")
 
@@ -336,12 +356,16 @@ class CpuContext:
         """Sleep on a futex word as a CPU going idle: go lazy first (leave the flush targets,
         keep the TLB) and switch back to the mm on wake.  Returns ns asleep."""
         self.leave_cpumask()
-        t0 = now_ns()
-        region.futex_wait(off, expected, timeout_ns)
-        dt = now_ns() - t0
+        t0 = self.now()
+        self.wait_timed_out = region.futex_wait(off, expected, timeout_ns) == 2  # the lost wake-up check
+        dt = self.now() - t0
         self.join_cpumask()
         self.stats["sleeps"] += 1
         return dt
+
+    def idle(self, ns: int) -> None:
+        """Nothing to do for ns: the CPU enters the idle loop (lazy TLB) and comes back."""
+        self.futex_sleep(self.ctl, STOP, 0, ns)
 
     # ------------------------------------------------------------------ accounting
     def account_spin(self, ns: int, kind: str) -> None:
@@ -374,16 +398,20 @@ class CpuContext:
         return self.ctl.load32(COLLAPSING) > 0
 
     # ------------------------------------------------------------------ events
-    def op_begin(self) -> tuple[int, int, int]:
+    def op_begin(self) -> tuple[int, int, int, bool]:
+        """Start timing an operation: (start ns, spin and sleep so far, whether a collapse was
+        in flight when it started — what ``during_collapse`` means in every result file)."""
         self.wait_max = 0
         self.wait_kind = ""
-        return now_ns(), self.spin_ns, self.sleep_ns
+        return self.now(), self.spin_ns, self.sleep_ns, self.collapsing()
 
-    def op_end(self, begin: tuple[int, int, int], op: str, result: str, addr: int, vma: int = -1, order: int = 0, during: bool | None = None) -> int:
-        t0, s0, z0 = begin
-        lat = now_ns() - t0
+    def op_end(self, begin: tuple[int, int, int, bool], op: str, result: str, addr: int, vma: int = -1, order: int = 0, during: bool | None = None) -> int:
+        t0, s0, z0, started_during = begin
+        lat = self.now() - t0
+        if self.on_step is not None:
+            self.on_step(f"{op} {result} (page {addr})")
         if during is None:
-            during = self.collapsing()
+            during = started_during
         self.rec.put(
             t0,
             lat,
@@ -402,11 +430,13 @@ class CpuContext:
             code |= WAIT[self.wait_kind] << 16
         if self.ctl.load32(COLLAPSING):
             code |= 1 << 52
-        self.rec.put(t0, now_ns() - t0, self.spin_ns - s0, self.sleep_ns - z0, vpn, code)
+        self.rec.put(t0, self.now() - t0, self.spin_ns - s0, self.sleep_ns - z0, vpn, code)
 
-    def record_collapse(self, begin: tuple[int, int, int], result: str, addr: int, order: int, phases: list[int]) -> None:
-        t0, s0, z0 = begin
-        lat = now_ns() - t0
+    def record_collapse(self, begin: tuple[int, int, int, bool], result: str, addr: int, order: int, phases: list[int]) -> None:
+        t0, s0, z0, _ = begin
+        lat = self.now() - t0
+        if self.on_step is not None:
+            self.on_step(f"collapse {result} (page {addr}, order {order})")
         self.rec.put_collapse(
             t0,
             lat,
@@ -429,6 +459,8 @@ class CpuContext:
 
             code = self.ctl.load32(COLLAPSE_PHASE)
             phase = PHASES[code - 1] if code > 0 else "none"
+        if self.on_step is not None:
+            self.on_step(f"VIOLATION {kind}: {detail}")
         if len(self.violations) < 200:
             self.violations.append(
                 {
@@ -438,22 +470,36 @@ class CpuContext:
                     "page": page,
                     "strategy": self.strategy,
                     "phase": phase,
-                    "t_ns": now_ns(),
+                    "t_ns": self.now(),
                     "detail": detail,
                 }
             )
 
+    def delay(self, ns: int) -> None:
+        """Stay busy for ns with interrupts on (a widened race window, a device's DMA burst)."""
+        until = self.now() + ns
+        while self.now() < until:
+            self.interrupt_point()
+
+    def charge(self, step: str, n: int = 1) -> None:
+        """Virtual time: spend the cost-table price of a kernel step n times (the process
+        backend pays in real time instead: nothing to do)."""
+
+    def cpu_relax(self) -> None:
+        """One iteration of a polling loop (cpu_relax()): nothing here; the scheduled backend
+        blocks the CPU until a word it polled changes."""
+
     def chaos(self, point: str) -> None:
         """Widen a race window at a named point (a short random delay, like fault injection);
         a test hook registered for the point runs first."""
+        if self.on_step is not None:
+            self.on_step(point)
         if self.hooks:
             hook = self.hooks.get(point)
             if hook is not None:
                 hook()
         if self.chaos_on and self.rng.random() < 0.3:
-            until = now_ns() + self.rng.randrange(2_000, 60_000)
-            while now_ns() < until:
-                self.interrupt_point()
+            self.delay(self.rng.randrange(2_000, max(3_000, self.config.chaos_us * 1000)))
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from ptlab.core._prims import Region
 
-OPS = ("access", "fault", "gup_fast", "gup_slow", "mmap", "munmap", "mprotect", "zap", "collapse", "scan", "dma")
-ROLES = ("app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged")
+OPS = ("access", "fault", "gup_fast", "gup_slow", "mmap", "munmap", "mprotect", "zap", "collapse", "scan", "dma",
+       "folio_referenced", "migrate", "smaps", "madv_cold", "madv_pageout")
+ROLES = ("app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged", "rmap-walk", "pt-walk", "vma-change")
 WAITED = ("", "ptl", "mmap_lock", "vma_lock", "migration", "folio_lock", "anon_vma", "zone", "tlb", "pmd_lock")
 RESULTS = (
     "ok",
@@ -58,6 +59,18 @@ RESULTS = (
     "SCAN_STORE_FAILED",
     "SCAN_COPY_MC",
     "SCAN_PAGE_FILLED",
+    # ptlab's own: the new folio went in, but entries MADV_DONTNEED zapped during the collapse
+    # stay zapped (never resurrected), so it maps fewer than 2^order pages / none at all
+    "SCAN_PTE_ZAPPED",
+    "SCAN_RANGE_ZAPPED",
+    # the walkers' (core/walkers.py): migrate_pages() return codes, folio_referenced() outcomes
+    "MIGRATEPAGE_SUCCESS",
+    "-EAGAIN",
+    "-EBUSY",
+    "-ENOMEM",
+    "referenced",
+    "unreferenced",
+    "contended",
 )
 OP = {n: i for i, n in enumerate(OPS)}
 ROLE = {n: i for i, n in enumerate(ROLES)}

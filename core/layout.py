@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ptlab.core.config import PTRS_PER_PTE, RunConfig
 
 LINE = 64
-MAX_CPUS = 64
+MAX_CPUS = 128  # simulated CPUs (the last id is the driver's); mm_cpumask is MAX_CPUS // 64 words
 MAX_VMAS = 16
 BCAST_RING = 64
 
@@ -26,17 +26,30 @@ GATE = 0  # u32 futex: 0 closed, 1 open
 STOP = 4  # u32: 0 running, else a StopReason
 READY = 8  # u32: CPUs attached and waiting at the gate
 COLLAPSING = 12  # u32: collapses in flight (events record during_collapse from it)
-MM_CPUMASK = 16  # i64 bitmask of CPUs whose TLB may hold this mm's entries
+COLLAPSE_START = 16  # i64: first vpn of the collapse in flight + 1 (0: none): stress_target=collapse
 MM_LOCK_SEQ = 24  # i64: bumped by mmap_write_unlock, ending every VMA write lock at once
 TLB_GEN = 32  # i64: broadcast-invalidation generation
 T0 = 40  # i64: start-gate time (monotonic ns)
-NEXT_TABLE = 48  # i32: PTE-table pool allocation cursor (under page_table_lock)
+TABLE_FREE_HEAD = 48  # i32: first free PTE table of the pool (-1 none), under the zone lock
+NR_FREE_TABLES = 52  # i32: free PTE tables
 COLLAPSE_PHASE = 108  # i32: phase of the collapse in flight (index into PHASES + 1), 0 none
 QUIESCE = 112  # u32 futex: 1 while the driver wants every CPU parked between operations
 PARKED = 116  # u32: CPUs parked at the quiescent point
 MM_TLB_GEN = 120  # i64: the mm's flush generation (x86 mm->context.tlb_gen), bumped by every flush
 BCAST = 128  # BCAST_RING x (start, end) i64 pairs
-HEADER_END = BCAST + BCAST_RING * 16
+MM_CPUMASK = BCAST + BCAST_RING * 16  # i64[MAX_CPUS // 64]: CPUs whose TLB may hold this mm's entries
+HEADER_END = MM_CPUMASK + 64
+
+
+def cpumask_slot(cpu: int) -> tuple[int, int]:
+    """(byte offset of the mm_cpumask word holding ``cpu``, its bit as a signed int64)."""
+    bit = 1 << (cpu & 63)
+    return MM_CPUMASK + (cpu >> 6) * 8, bit - (1 << 64) if bit >= 1 << 63 else bit
+
+
+def cpumask_cpus(words: list[int]) -> list[int]:
+    """The CPU ids set in the mm_cpumask words (signed int64 each)."""
+    return [w * 64 + b for w, word in enumerate(words) for b in range(64) if word >> b & 1]
 
 # ---- lock structs (one line each) --------------------------------------------------------------
 # spinlock: +0 word (owner cpu + 1), +8 acquisitions, +16 contended, +24 spin_ns
@@ -50,6 +63,7 @@ NAMED_LOCKS = ("mmap_lock", "anon_vma", "page_table_lock", "pmd_lock", "zone_loc
 # waiting i32, +40 generation (bumped by munmap/mmap so a racing lockless lookup can revalidate)
 VMA_SIZE = LINE
 VMA_START, VMA_END, VMA_FLAGS, VMA_LOCK_SEQ, VMA_READERS, VMA_WWAIT, VMA_GEN = 0, 8, 16, 24, 32, 36, 40
+VMA_WAKE_DONE, VMA_WAKE_T = 48, 52  # u32: the last reader's "wake done" count and time (core/locks.py)
 VM_INUSE, VM_HUGEPAGE, VM_WRITE, VM_ORACLE = 1, 2, 4, 8
 
 # ---- CPU struct ----------------------------------------------------------------------------------
@@ -68,10 +82,12 @@ ST_RUN, ST_SPIN, ST_SLEEP, ST_IPI_WAIT, ST_DONE = 0, 1, 2, 3, 4
 STATE_NAMES = {ST_RUN: "running", ST_SPIN: "spinning", ST_SLEEP: "sleeping", ST_IPI_WAIT: "waiting for IPI acks", ST_DONE: "done"}
 
 # ---- folio fields (parallel int32 arrays in the folio segment) ---------------------------------
-FOLIO_FIELDS = ("refcount", "mapcount", "flags", "order", "head", "pincount", "lock_owner", "waiters", "wake_seq", "next_free", "prev_free")
+FOLIO_FIELDS = ("refcount", "mapcount", "flags", "order", "head", "pincount", "lock_owner", "waiters", "wake_seq", "next_free", "prev_free", "wake_done", "wake_t")
 PG_LOCKED, PG_LRU, PG_ISOLATED, PG_ANON, PG_BUDDY = 1, 2, 4, 8, 16
 GUP_PIN_COUNTING_BIAS = 1024
 POISON_FREE = 0x6B6B6B6B6B6B6B6B
+# a freed PTE table is filled with this (PAGE_POISON 0xaa): not present, not a migration entry
+POISON_PT = -0x5555555555555556  # 0xAAAAAAAAAAAAAAAA as int64
 
 # ---- PTE / PMD encoding (int64) -------------------------------------------------------------
 # PTE: 0 = none.  bit0 present, bit1 write, bit2 dirty, bit3 young, bit4 migration entry
@@ -97,7 +113,7 @@ class Layout:
         nr_pmds = c.nr_pmds + 2  # + one PMD for the "other" VMA, one for mmap() churn
         return cls(
             page_size=c.page_size,
-            nr_frames=c.frames,
+            nr_frames=c.frames + 1,  # + the shared zero page, the last frame (never allocated)
             nr_pmds=nr_pmds,
             nr_tables=2 * nr_pmds + 4,
             nr_cpus=c.nr_cpus,
@@ -164,8 +180,21 @@ class Layout:
         return self.deposits_base + pmd_index * 8
 
     @property
-    def pt_size(self) -> int:
+    def table_life_base(self) -> int:
+        """Per PTE table: i32 life counter, bumped when the table is freed (the oracle's view of
+        page-table lifetime: a lockless walker that sees it move was inside a freed table)."""
         return self.deposits_base + self.nr_pmds * 8
+
+    def table_life(self, table: int) -> int:
+        return self.table_life_base + table * 4
+
+    def table_next(self, table: int) -> int:
+        """Per PTE table: i32 link of the pool's free list (-1 end), -2 while in use."""
+        return self.table_life_base + self.nr_tables * 4 + table * 4
+
+    @property
+    def pt_size(self) -> int:
+        return self.table_life_base + self.nr_tables * 8
 
     # folio
     def folio_field(self, field: str) -> int:

@@ -9,12 +9,26 @@ counts its own contention; every CPU accounts the spin ns and sleep ns it spent 
 
 A lock whose owner died raises OwnerDied in its waiters within BUDGET_NS-ish, naming the lock
 and the dead CPU, instead of hanging.
+
+Lost wake-ups.  Every sleep is bounded by a safety timeout (SLEEP_SLICE_NS) so that a CPU keeps
+checking that the owner is alive; a sleep that ends by that timeout although what it waited for
+was released — and the release had *finished* its wake-up step before the timeout could fire —
+is a lost wake-up, recorded as a ``lost_wakeup`` violation instead of being hidden in the sleep
+time.  The releaser publishes a "wake done" mark after its futex_wake (the release's sequence
+number and the time, in units of 2**20 ns), so a waker that was merely slow — preempted between
+its release and its futex_wake on a loaded host — is never flagged: its mark comes later than
+the sleeper's timeout.  With a correct protocol a release that follows the sleeper's snapshot
+either changes the futex word before the sleeper is queued (futex_wait returns at once) or wakes
+it; a timeout after a completed wake therefore means the wake was skipped or went elsewhere.
+The mutants ``mutant-rwsem-no-wake``, ``mutant-vma-no-wake`` and ``mutant-folio-unlock-no-wake``
+delete the three wakes and are killed by this check (tests/test_mutants.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ptlab.core._prims import Region
 from ptlab.core.errors import OwnerDied
 from ptlab.core.layout import (
@@ -22,6 +36,8 @@ from ptlab.core.layout import (
     PG_LOCKED,
     VMA_LOCK_SEQ,
     VMA_READERS,
+    VMA_WAKE_DONE,
+    VMA_WAKE_T,
     VMA_WWAIT,
 )
 
@@ -35,6 +51,88 @@ SLEEP_SLICE_NS = 20_000_000
 RWSEM_READER_MASK = (1 << 32) - 1
 RWSEM_WRITER = 1 << 32
 RWSEM_WWAIT = 1 << 40
+RWSEM_WAKE_DONE, RWSEM_WAKE_T = 20, 56  # u32 "wake done" seq and time of the last waking release
+
+WAKE_T_SHIFT = 20  # wake-done times are now_ns() >> 20 (about 1 ms), 32-bit modular
+LOST_WAKEUP_GRACE = 2  # in those units: a wake done this close to the timeout is not judged
+
+
+def _mutant(cpu: CpuContext, name: str) -> bool:
+    bugs = cpu.bugs
+    return bool(bugs) and name in bugs
+
+
+def wake_t(cpu: CpuContext) -> int:
+    """The "wake done" time stamp of a release (32-bit, units of 2**20 ns), on the CPU's clock
+    (the one its futex timeouts run on: wall clock, or the scheduled backend's virtual one)."""
+    return (cpu.now() >> WAKE_T_SHIFT) & 0xFFFFFFFF
+
+
+def _after(a: int, b: int) -> bool:
+    """a is later than b in 32-bit modular arithmetic."""
+    d = (a - b) & 0xFFFFFFFF
+    return 0 < d < 0x80000000
+
+
+def check_lost_wakeup(cpu: CpuContext, what: str, snapshot: int, done_seq: int, done_t: int, t_before: int, timeout_ns: int) -> bool:
+    """After a futex sleep: if it timed out although a release that came after the sleeper's
+    ``snapshot`` (its ``done_seq`` is later) had finished its wake step (``done_t``) before the
+    timeout could fire (the sleep began no earlier than ``t_before``), record a lost wake-up.
+    ``done_seq`` must be read before ``done_t`` (the releaser writes them the other way round),
+    so a newer release can only make ``done_t`` later: the check errs towards silence."""
+    if not getattr(cpu, "wait_timed_out", False) or not _after(done_seq, snapshot):
+        return False
+    deadline = ((t_before + timeout_ns) >> WAKE_T_SHIFT) & 0xFFFFFFFF
+    if not _after(deadline, (done_t + LOST_WAKEUP_GRACE) & 0xFFFFFFFF):
+        return False  # the waker was slow: its wake came (about) when the timeout fired
+    cpu.violation("lost_wakeup", detail=f"CPU {cpu.id} slept {timeout_ns / 1e6:.0f} ms on {what} until its safety timeout, though the release after its snapshot had done its wake-up before that")
+    return True
+
+
+def held_locks(m: Any, cpu: CpuContext) -> list[str]:
+    """Every lock that ``cpu`` holds now (spinlocks, the rwsems, folio locks).  Between two
+    operations a CPU holds none: anything listed then is a lock leaked by a path that returned
+    without releasing it."""
+    tag = cpu.owner_tag
+    out = []
+    for lock in dict.fromkeys((m.page_table_lock, m.pmd_lock, m.zone_lock, *m._ptls)):
+        if lock.r.load32(lock.off) == tag:
+            out.append(lock.name)
+    for sem in (m.mmap_lock, m.anon_vma):
+        if sem.writer() == cpu.id:
+            out.append(f"{sem.name} (write)")
+        elif sem.r.load64(sem.off + 24) >> cpu.id & 1:
+            out.append(f"{sem.name} (read)")
+    owners = m.f["lock_owner"]
+    for pfn in np.nonzero(owners == tag)[0][:4].tolist():
+        out.append(f"folio lock of pfn {pfn}")
+    return out
+
+
+def locks_held(m: Any) -> list[str]:
+    """Every lock held by anyone, for a quiescent point (every CPU between two operations, or
+    done), where there must be none."""
+    out = []
+    for lock in dict.fromkeys((m.page_table_lock, m.pmd_lock, m.zone_lock, *m._ptls)):
+        if lock.owner() >= 0:
+            out.append(f"{lock.name} is held by CPU {lock.owner()}")
+    for sem in (m.mmap_lock, m.anon_vma):
+        if sem.r.load64(sem.off) & (RWSEM_READER_MASK | RWSEM_WRITER):
+            out.append(f"{sem!r}")
+    heads = m.f["head"] == np.arange(len(m.f["head"]))
+    locked = np.nonzero(((m.f["flags"] & PG_LOCKED) != 0) & heads)[0]
+    for pfn in locked[:4].tolist():
+        out.append(f"folio lock of pfn {pfn} is held by CPU {int(m.f['lock_owner'][pfn]) - 1}")
+    return out
+
+
+def check_locks_released(m: Any, cpu: CpuContext, where: str) -> bool:
+    """Record a ``lock_leak`` violation if ``cpu`` holds any lock at ``where`` (a point between
+    two operations).  Returns True when it did."""
+    held = held_locks(m, cpu)
+    if held:
+        cpu.violation("lock_leak", detail=f"CPU {cpu.id} ({cpu.role}) still holds {', '.join(held)} {where}")
+    return bool(held)
 
 
 class SpinLock:
@@ -112,7 +210,8 @@ class RwSem:
 
     Layout: +0 state (readers in the low 32 bits | RWSEM_WRITER | waiting writers * 2**40),
     +8 seq (futex word, bumped on every release), +12 sleepers, +16 owner (writer CPU + 1),
-    +24 readers mask (bit per CPU holding it for read), +32 sleep_ns, +40 contended.
+    +20 wake-done seq, +24 readers mask (bit per CPU holding it for read), +32 sleep_ns,
+    +40 contended, +56 wake-done time (the lost wake-up check, see the module header).
     Invariants: WRITER set implies readers == 0; owner != 0 iff WRITER set.
     """
 
@@ -131,7 +230,8 @@ class RwSem:
     def down_read_trylock(self, cpu: CpuContext) -> bool:
         s = self.r.load64(self.off)
         if self._read_ok(s) and self.r.cas64(self.off, s, s + 1):
-            self.r.fetch_or64(self.off + 24, 1 << cpu.id)
+            if cpu.id < 63:  # the readers mask (for the lock dump) covers CPUs 0..62
+                self.r.fetch_or64(self.off + 24, 1 << cpu.id)
             return True
         return False
 
@@ -142,10 +242,11 @@ class RwSem:
         return self._wait(cpu, write=False)
 
     def up_read(self, cpu: CpuContext) -> None:
-        self.r.fetch_and64(self.off + 24, ~(1 << cpu.id))
+        if cpu.id < 63:
+            self.r.fetch_and64(self.off + 24, ~(1 << cpu.id))
         old = self.r.fetch_add64(self.off, -1)
         if (old & RWSEM_READER_MASK) == 1:
-            self._wake()
+            self._wake(cpu)
 
     # -- write side --
     def down_write_trylock(self, cpu: CpuContext) -> bool:
@@ -163,12 +264,18 @@ class RwSem:
     def up_write(self, cpu: CpuContext) -> None:
         self.r.store32(self.off + 16, 0)
         self.r.fetch_add64(self.off, -RWSEM_WRITER)
-        self._wake()
+        self._wake(cpu)
 
-    def _wake(self) -> None:
-        self.r.fetch_add32(self.off + 8, 1)
-        if self.r.load32(self.off + 12):
-            self.r.futex_wake(self.off + 8, 1 << 30)
+    def _wake(self, cpu: CpuContext) -> None:
+        """rwsem_wake(): bump the sequence (the sleepers' futex word) and wake the sleepers;
+        then publish "wake done" for the lost wake-up check."""
+        r, off = self.r, self.off
+        seq = r.fetch_add32(off + 8, 1) + 1
+        if r.load32(off + 12):
+            if not _mutant(cpu, "mutant-rwsem-no-wake"):
+                r.futex_wake(off + 8, 1 << 30)
+            r.store32(off + RWSEM_WAKE_T, wake_t(cpu))
+            r.store32(off + RWSEM_WAKE_DONE, seq)
 
     def _wait(self, cpu: CpuContext, write: bool) -> int:
         r, off = self.r, self.off
@@ -187,7 +294,8 @@ class RwSem:
                         r.store32(off + 16, cpu.owner_tag)
                         break
                 elif self._read_ok(s) and r.cas64(off, s, s + 1):
-                    r.fetch_or64(off + 24, 1 << cpu.id)
+                    if cpu.id < 63:
+                        r.fetch_or64(off + 24, 1 << cpu.id)
                     break
                 else:
                     pass
@@ -195,12 +303,15 @@ class RwSem:
                     self.check_owner(cpu)
                 cpu.check_stop()
                 r.fetch_add32(off + 12, 1)
+                t_before = cpu.now()
                 slept += cpu.futex_sleep(r, off + 8, seq, SLEEP_SLICE_NS)
                 r.fetch_add32(off + 12, -1)
+                done = r.load32(off + RWSEM_WAKE_DONE)
+                check_lost_wakeup(cpu, self.name, seq, done, r.load32(off + RWSEM_WAKE_T), t_before, SLEEP_SLICE_NS)
         except BaseException:
             if registered:
                 r.fetch_add64(off, -RWSEM_WWAIT)
-                self._wake()
+                self._wake(cpu)
             raise
         finally:
             cpu.set_waiting(0, 0)
@@ -218,7 +329,7 @@ class RwSem:
 
     def readers(self) -> list[int]:
         mask = self.r.load64(self.off + 24)
-        return [i for i in range(MAX_CPUS) if mask >> i & 1]
+        return [i for i in range(min(MAX_CPUS, 63)) if mask >> i & 1]
 
     def check_owner(self, cpu: CpuContext) -> None:
         w = self.writer()
@@ -286,7 +397,10 @@ class VmaLock:
     def vma_end_read(self, cpu: CpuContext) -> None:
         r = self.r
         if r.fetch_add32(self.off + VMA_READERS, -1) == 1 and r.load32(self.off + VMA_WWAIT):
-            r.futex_wake(self.off + VMA_READERS, 1 << 30)
+            if not _mutant(cpu, "mutant-vma-no-wake"):
+                r.futex_wake(self.off + VMA_READERS, 1 << 30)
+            r.store32(self.off + VMA_WAKE_T, wake_t(cpu))  # "wake done" for the lost wake-up check
+            r.fetch_add32(self.off + VMA_WAKE_DONE, 1)
 
     def vma_start_write(self, cpu: CpuContext, mm_seq: int) -> int:
         """Caller holds mmap_lock for write.  Returns ns slept waiting for readers to drain."""
@@ -301,11 +415,15 @@ class VmaLock:
         cpu.set_waiting(2, self.lock_id)
         try:
             while True:
+                done0 = r.load32(self.off + VMA_WAKE_DONE)  # before the readers count
                 n = r.load32(self.off + VMA_READERS)
                 if n == 0:
                     break
                 cpu.check_stop()
+                t_before = cpu.now()
                 slept += cpu.futex_sleep(r, self.off + VMA_READERS, n, SLEEP_SLICE_NS)
+                done = r.load32(self.off + VMA_WAKE_DONE)
+                check_lost_wakeup(cpu, self.name, done0, done, r.load32(self.off + VMA_WAKE_T), t_before, SLEEP_SLICE_NS)
         finally:
             r.store32(self.off + VMA_WWAIT, 0)
             cpu.set_waiting(0, 0)
@@ -322,12 +440,14 @@ class FolioLocks:
     PTL is dropped so the unlock cannot be missed.
     """
 
-    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int, wake_base: int) -> None:
+    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int, wake_base: int, wake_done_base: int, wake_t_base: int) -> None:
         self.r = region
         self.flags = flags_base
         self.owner = owner_base
         self.waiters = waiters_base
         self.wake = wake_base  # bumped by every folio_unlock(): the WQ_FLAG_WOKEN of a waiter
+        self.wake_done = wake_done_base  # per folio: "wake done" seq and time (lost wake-ups)
+        self.wake_t = wake_t_base
 
     def folio_trylock(self, cpu: CpuContext, pfn: int) -> bool:
         r, off = self.r, self.flags + pfn * 4
@@ -348,11 +468,14 @@ class FolioLocks:
         r.fetch_add32(self.waiters + pfn * 4, 1)
         try:
             while not self.folio_trylock(cpu, pfn):
+                ticket = r.load32(self.wake + pfn * 4)  # before the flags we sleep on
                 f = r.load32(off)
                 if f & PG_LOCKED:
                     self._check_owner(cpu, pfn)
                     cpu.check_stop()
+                    t_before = cpu.now()
                     slept += cpu.futex_sleep(r, off, f, SLEEP_SLICE_NS)
+                    self._check_lost(cpu, pfn, ticket, t_before)
         finally:
             r.fetch_add32(self.waiters + pfn * 4, -1)
             cpu.set_waiting(0, 0)
@@ -366,10 +489,13 @@ class FolioLocks:
             f = r.load32(off)
             if r.cas32(off, f, f & ~PG_LOCKED):
                 break
-        r.fetch_add32(self.wake + pfn * 4, 1)
+        seq = r.fetch_add32(self.wake + pfn * 4, 1) + 1
         if r.load32(self.waiters + pfn * 4):
-            r.futex_wake(off, 1 << 30)  # folio_wake_bit(folio, PG_locked)
-            r.futex_wake(self.wake + pfn * 4, 1 << 30)
+            if not _mutant(cpu, "mutant-folio-unlock-no-wake"):
+                r.futex_wake(off, 1 << 30)  # folio_wake_bit(folio, PG_locked)
+                r.futex_wake(self.wake + pfn * 4, 1 << 30)
+            r.store32(self.wake_t + pfn * 4, wake_t(cpu))  # "wake done" for the lost wake-up check
+            r.store32(self.wake_done + pfn * 4, seq)
 
     def folio_test_locked(self, pfn: int) -> bool:
         return bool(self.r.load32(self.flags + pfn * 4) & PG_LOCKED)
@@ -391,12 +517,19 @@ class FolioLocks:
             while r.load32(woff) == ticket and r.load32(self.flags + pfn * 4) & PG_LOCKED:
                 self._check_owner(cpu, pfn)
                 cpu.check_stop()
+                t_before = cpu.now()
                 slept += cpu.futex_sleep(r, woff, ticket, SLEEP_SLICE_NS)
+                self._check_lost(cpu, pfn, ticket, t_before)
         finally:
             r.fetch_add32(self.waiters + pfn * 4, -1)
             cpu.set_waiting(0, 0)
         cpu.account_sleep(slept, kind)
         return slept
+
+    def _check_lost(self, cpu: CpuContext, pfn: int, ticket: int, t_before: int) -> None:
+        r = self.r
+        done = r.load32(self.wake_done + pfn * 4)
+        check_lost_wakeup(cpu, f"the folio lock of pfn {pfn}", ticket, done, r.load32(self.wake_t + pfn * 4), t_before, SLEEP_SLICE_NS)
 
     def _check_owner(self, cpu: CpuContext, pfn: int) -> None:
         o = self.r.load32(self.owner + pfn * 4) - 1

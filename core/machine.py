@@ -19,22 +19,28 @@ caught even when nobody reads that frame soon.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from ptlab.core._prims import Region
 from ptlab.core.config import HPAGE_PMD_ORDER, PTRS_PER_PTE, RunConfig
 from ptlab.core.layout import (
+    _PRESENT,
     FOLIO_FIELDS,
     GUP_PIN_COUNTING_BIAS,
     MAX_VMAS,
     MM_LOCK_SEQ,
     NAMED_LOCKS,
-    NEXT_TABLE,
+    NR_FREE_TABLES,
+    PFN_SHIFT,
     PG_ANON,
     PG_BUDDY,
     PG_LOCKED,
     PG_LRU,
     POISON_FREE,
+    POISON_PT,
+    TABLE_FREE_HEAD,
     VM_HUGEPAGE,
     VM_INUSE,
     VM_ORACLE,
@@ -49,6 +55,7 @@ from ptlab.core.layout import (
     pte_mk,
 )
 from ptlab.core.locks import FolioLocks, RwSem, SpinLock, VmaLock
+from ptlab.core.mutants import lock_or_skip
 from ptlab.core.shm import Namespace
 
 if TYPE_CHECKING:
@@ -64,16 +71,20 @@ VMA_COLLAPSE, VMA_OTHER = 0, 1  # fixed VMAs; 2.. are mmap() churn slots
 class Machine:
     """One simulated machine, mapped in this process."""
 
-    def __init__(self, config: RunConfig, ns: Namespace) -> None:
+    def __init__(self, config: RunConfig, ns: Namespace, wrap: Callable[[str, Region], Any] | None = None) -> None:
+        """``wrap(name, region)`` (the scheduled backend) may interpose on every shared word
+        operation of a segment: the locks and kernel paths then go through it unknowingly."""
         self.config = config
         self.ns = ns
         self.L = L = Layout.for_config(config)
         self.page_size = L.page_size
         self.words_per_page = L.page_size // 8
-        self.ctl = ns["ctl"].region
-        self.pt = ns["pt"].region
-        self.folio = ns["folio"].region
-        self.frames = ns["frames"].region
+        self.zero_pfn = L.nr_frames - 1  # the shared zero page: outside the buddy allocator
+        w = wrap or (lambda name, region: region)
+        self.ctl = w("ctl", ns["ctl"].region)
+        self.pt = w("pt", ns["pt"].region)
+        self.folio = w("folio", ns["folio"].region)
+        self.frames = w("frames", ns["frames"].region)
         # numpy views for vectorised range work (scans, set_ptes, invariant checks)
         self.ptes = ns["pt"].view(np.int64, L.tables_base, L.nr_tables * PTRS_PER_PTE)
         self.pmds = ns["pt"].view(np.int64, 0, L.nr_pmds)
@@ -91,14 +102,14 @@ class Machine:
             for t in range(L.nr_tables)
         ]
         self.vma_locks = [VmaLock(self.ctl, L.vma(i), MM_LOCK_SEQ, f"vma_lock[{i}]", 1000 + i) for i in range(MAX_VMAS)]
-        self.folio_locks = FolioLocks(self.folio, self.off["flags"], self.off["lock_owner"], self.off["waiters"], self.off["wake_seq"])
+        self.folio_locks = FolioLocks(self.folio, self.off["flags"], self.off["lock_owner"], self.off["waiters"], self.off["wake_seq"], self.off["wake_done"], self.off["wake_t"])
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, config: RunConfig, token: str | None = None) -> Machine:
+    def create(cls, config: RunConfig, token: str | None = None, wrap: Callable[[str, Region], Any] | None = None) -> Machine:
         ns = Namespace.create(Layout.for_config(config).sizes(), token=token)
         try:
-            m = cls(config, ns)
+            m = cls(config, ns, wrap)
             m._init()
             return m
         except BaseException:
@@ -128,13 +139,23 @@ class Machine:
         # every frame starts free and poisoned, in max-order blocks (the tail in smaller ones)
         self.frames.fill64(0, L.nr_frames * self.words_per_page, POISON_FREE)
         pfn = 0
-        while pfn < L.nr_frames:
+        while pfn < self.zero_pfn:
             o = MAX_ORDER
-            while o > 0 and (pfn % (1 << o) or pfn + (1 << o) > L.nr_frames):
+            while o > 0 and (pfn % (1 << o) or pfn + (1 << o) > self.zero_pfn):
                 o -= 1
             self._buddy_add(pfn, o)
             pfn += 1 << o
-        self.ctl.store32(NR_FREE, L.nr_frames)
+        self.ctl.store32(NR_FREE, self.zero_pfn)
+        # the shared zero page (mm/memory.c my_zero_pfn()): zero-filled, no folio (head -1,
+        # refcount 0, never free): read faults map it read-only, nothing may ever write it
+        self.frames.fill64(self.zero_pfn * self.page_size, self.words_per_page, 0)
+        # the PTE-table pool: every table free and poisoned, on a LIFO free list (a table freed
+        # by one CPU is the next one another CPU gets, as with the page allocator's pcp lists)
+        self.ptes[:] = POISON_PT
+        for t in range(L.nr_tables):
+            self.pt.store32(L.table_next(t), t + 1 if t + 1 < L.nr_tables else -1)
+        self.ctl.store32(TABLE_FREE_HEAD, 0)
+        self.ctl.store32(NR_FREE_TABLES, L.nr_tables)
         self.ctl.store64(MM_LOCK_SEQ, 1)
         for i in range(MAX_VMAS):
             self.ctl.store64(L.vma(i) + 24, 0)  # vm_lock_seq 0 != mm_lock_seq 1: unlocked
@@ -219,15 +240,59 @@ class Machine:
         self.ptes[base : base + len(values)] = values
 
     def alloc_pte_table(self, cpu: CpuContext) -> int:
-        """pte_alloc_one(): a zeroed PTE table from the pool (under page_table_lock)."""
-        self.page_table_lock.lock(cpu)  # mm->page_table_lock: the table pool
+        """pte_alloc_one(): a page-table page from the page allocator, zeroed; -1 when none is
+        left.  Checks that the table still holds its free poison (else something wrote into it
+        after pte_free: a page-table use after free)."""
+        L = self.L
+        self.zone_lock.lock(cpu)  # the page allocator's free lists (the table pool) are plain words
         try:
-            t = self.ctl.fetch_add32(NEXT_TABLE, 1)
+            t = self.ctl.load32(TABLE_FREE_HEAD)
+            if t >= 0:
+                self.ctl.store32(TABLE_FREE_HEAD, self.pt.load32(L.table_next(t)))
+                self.pt.store32(L.table_next(t), -2)
+                self.ctl.fetch_add32(NR_FREE_TABLES, -1)
         finally:
-            self.page_table_lock.unlock(cpu)
-        if t >= self.L.nr_tables:
+            self.zone_lock.unlock(cpu)
+        if t < 0:
             return -1  # like a failed pte_alloc_one(): the fault ends in VM_FAULT_OOM
-        self.ptes[t * PTRS_PER_PTE : (t + 1) * PTRS_PER_PTE] = 0
+        table = self.ptes[t * PTRS_PER_PTE : (t + 1) * PTRS_PER_PTE]
+        if (table != POISON_PT).any():
+            j = int(np.argmax(table != POISON_PT))
+            cpu.violation("pt_use_after_free", page=-1, detail=f"free PTE table {t} was written after pte_free (entry {j} holds {int(table[j]):#x})")
+        table[:] = 0
+        return t
+
+    def pte_free(self, cpu: CpuContext, t: int) -> None:
+        """pte_free(): give a PTE table back to the page allocator at once (no RCU, no IPI: what
+        zap_deposited_table() does).  Its life counter moves first, then it is poisoned."""
+        L = self.L
+        self.pt.fetch_add32(L.table_life(t), 1)
+        self.ptes[t * PTRS_PER_PTE : (t + 1) * PTRS_PER_PTE] = POISON_PT
+        self.zone_lock.lock(cpu)  # the page allocator's free lists
+        try:
+            if self.pt.load32(L.table_next(t)) != -2:
+                cpu.violation("pt_double_free", page=-1, detail=f"PTE table {t} freed twice")
+                return
+            self.pt.store32(L.table_next(t), self.ctl.load32(TABLE_FREE_HEAD))
+            self.ctl.store32(TABLE_FREE_HEAD, t)
+            self.ctl.fetch_add32(NR_FREE_TABLES, 1)
+        finally:
+            self.zone_lock.unlock(cpu)
+
+    def table_life(self, t: int) -> int:
+        return self.pt.load32(self.L.table_life(t))
+
+    def table_in_use(self, t: int) -> bool:
+        return self.pt.load32(self.L.table_next(t)) == -2
+
+    def pgtable_trans_huge_deposit(self, i: int, t: int) -> None:
+        """Keep the PTE table behind a huge PMD, for a later split (caller holds the PMD lock)."""
+        self.pt.store64(self.L.deposit(i), t)
+
+    def pgtable_trans_huge_withdraw(self, i: int) -> int:
+        """Take back the table deposited behind huge PMD i (caller holds the PMD lock)."""
+        t = self.pt.load64(self.L.deposit(i))
+        self.pt.store64(self.L.deposit(i), -1)
         return t
 
     def pte_table_for(self, cpu: CpuContext, vpn: int) -> int:
@@ -240,14 +305,17 @@ class Machine:
             t = self.alloc_pte_table(cpu)
             if t < 0:
                 return -1
-            self.pmd_lock.lock(cpu)  # pmd_install(): one installer wins
+            pmd_lock = lock_or_skip(cpu, "mutant-pmd-install-no-lock", self.pmd_lock)
+            pmd_lock.lock(cpu)  # pmd_install(): one installer wins
             try:
                 if self.pmdp_get(i) == 0:
+                    cpu.chaos("pmd_install_after_check")  # rare: only a PMD that is none
                     self.set_pmd(i, pmd_mk_table(t))  # pmd_install
                     return t
             finally:
-                self.pmd_lock.unlock(cpu)
-            pmd = self.pmdp_get(i)  # lost the race; the pool slot is left unused
+                pmd_lock.unlock(cpu)
+            self.pte_free(cpu, t)  # lost the race: pmd_install() frees the new table
+            pmd = self.pmdp_get(i)
         if pmd_trans_huge(pmd):
             return -2
         return pmd >> 12 if pmd else -2
@@ -376,7 +444,11 @@ class Machine:
     def alloc_folio(self, cpu: CpuContext, order: int, zero: bool = False) -> int:
         """__folio_alloc(): a folio of 2^order frames (head pfn) with refcount 1, or -1 when no
         free block is large enough (fragmentation).  Checks the free poison of every frame."""
-        self.zone_lock.lock(cpu)  # excludes other allocators/freers: the free lists are plain words
+        cpu.charge("alloc_page")
+        if order:
+            cpu.charge("alloc_large_per_page", (1 << order) - 1)
+        zone_lock = lock_or_skip(cpu, "mutant-alloc-no-zone-lock", self.zone_lock)
+        zone_lock.lock(cpu)  # excludes other allocators/freers: the free lists are plain words
         try:
             o = order
             while o <= MAX_ORDER and self.ctl.load32(FREE_HEADS + 4 * o) < 0:
@@ -384,13 +456,15 @@ class Machine:
             if o > MAX_ORDER:
                 return -1
             pfn = self.ctl.load32(FREE_HEADS + 4 * o)
+            if cpu.hooks:  # a park point for tests/test_mutants.py (no chaos delay here)
+                cpu.chaos("alloc_after_head_read")
             self._buddy_del(pfn, o)
             while o > order:  # split, giving the upper halves back
                 o -= 1
                 self._buddy_add(pfn + (1 << o), o)
             self.ctl.fetch_add32(NR_FREE, -(1 << order))
         finally:
-            self.zone_lock.unlock(cpu)
+            zone_lock.unlock(cpu)
         n = 1 << order
         f = self.f
         f["head"][pfn : pfn + n] = pfn
@@ -430,7 +504,8 @@ class Machine:
         self.frames.fill64(head * self.page_size, n * self.words_per_page, POISON_FREE)
         f = self.f
         f["head"][head : head + n] = -1
-        self.zone_lock.lock(cpu)  # the buddy lists
+        zone_lock = lock_or_skip(cpu, "mutant-alloc-no-zone-lock", self.zone_lock)
+        zone_lock.lock(cpu)  # the buddy lists
         try:
             pfn, o = head, order
             while o < MAX_ORDER:
@@ -445,7 +520,7 @@ class Machine:
             self._buddy_add(pfn, o)
             self.ctl.fetch_add32(NR_FREE, n)
         finally:
-            self.zone_lock.unlock(cpu)
+            zone_lock.unlock(cpu)
 
     def nr_free(self) -> int:
         return self.ctl.load32(NR_FREE)
@@ -459,3 +534,13 @@ class Machine:
 
     def clear_page(self, pfn: int) -> None:
         self.frames.fill64(pfn * self.page_size, self.words_per_page, 0)
+
+    # ------------------------------------------------------------------------------ zero page
+    def is_zero_pfn(self, pfn: int) -> bool:
+        """is_zero_pfn(): the shared zero page, which no folio owns (vm_normal_page() is NULL)."""
+        return pfn == self.zero_pfn
+
+    def pte_none_or_zero(self, ptes: np.ndarray) -> np.ndarray:
+        """Per entry of an int64 PTE array: pte_none() || is_zero_pfn(pte_pfn()) — what
+        khugepaged counts against max_ptes_none and fills with zeroes (a bool array)."""
+        return (ptes == 0) | (((ptes & _PRESENT) != 0) & ((ptes >> PFN_SHIFT) == self.zero_pfn))

@@ -8,6 +8,9 @@ catches double frees.  Here, with every CPU stopped, the machine must satisfy:
   - every folio is mapped exactly mapcount times, and refcount == mapcount + pins
     (a pin counts 1024 on a small folio, 1 on a large one) — no reference leaked or lost;
   - no migration entry outlives its collapse;
+  - every mapped folio is back on the LRU: no isolation (khugepaged's, a walker's) outlives its
+    operation;
+  - a PTE of the shared zero page maps no folio and is read-only, and the zero page holds zeroes;
   - free frames + allocated folios == all frames (nothing leaked), and every free frame still
     holds its poison (nothing wrote through a stale translation after the free).
 """
@@ -21,15 +24,20 @@ import numpy as np
 from ptlab.core.layout import (
     _MIGRATION,
     _PRESENT,
+    _WRITE,
     CPU_STATE,
     CPU_WAITING,
     GUP_PIN_COUNTING_BIAS,
     NAMED_LOCKS,
     PG_BUDDY,
+    PG_ISOLATED,
+    PG_LRU,
     POISON_FREE,
+    POISON_PT,
     STATE_NAMES,
     pmd_trans_huge,
 )
+from ptlab.core.locks import locks_held
 from ptlab.core.machine import MAX_VMAS, Machine
 
 
@@ -44,6 +52,8 @@ def check_machine(m: Machine, limit: int = 50) -> list[dict[str, Any]]:
     f = m.f
     head_of, order_of, flags = f["head"], f["order"], f["flags"]
     mapped: Counter[int] = Counter()
+    out += check_page_tables(m, strategy)
+    out += [_v("lock_leak", -1, what, strategy) for what in locks_held(m)]  # nobody runs: none is held
     for i in range(m.L.nr_pmds):
         pmd = int(m.pmds[i])
         if not pmd & _PRESENT:
@@ -56,6 +66,8 @@ def check_machine(m: Machine, limit: int = 50) -> list[dict[str, Any]]:
             mapped[pfn] += 1
             continue
         t = pmd >> 12
+        if not m.table_in_use(t):
+            continue  # a PMD reaching a freed table: check_page_tables() reports it
         ptes = m.ptes[t * 512 : (t + 1) * 512]
         for j in np.nonzero(ptes)[0].tolist():
             pte = int(ptes[j])
@@ -64,6 +76,10 @@ def check_machine(m: Machine, limit: int = 50) -> list[dict[str, Any]]:
                 out.append(_v("migration_entry_leftover", vpn, f"PTE of page {vpn} is still a migration entry", strategy))
                 continue
             pfn = pte >> 12
+            if pfn == m.zero_pfn:  # the shared zero page maps no folio; it must stay read-only
+                if pte & _WRITE:
+                    out.append(_v("zero_page_writable", vpn, f"page {vpn} maps the zero page writable", strategy))
+                continue
             head = int(head_of[pfn])
             if head < 0 or flags[head] & PG_BUDDY:
                 out.append(_v("pte_maps_free_frame", vpn, f"page {vpn} maps pfn {pfn}, which is free", strategy))
@@ -87,11 +103,17 @@ def check_machine(m: Machine, limit: int = 50) -> list[dict[str, Any]]:
             out.append(_v("refcount_mismatch", h, f"folio {h} (order {order}) refcount {ref} != mapcount {mc} + pins {pins}", strategy))
         if mc == 0 and pins == 0:
             out.append(_v("leaked_folio", h, f"folio {h} (order {order}) is allocated but neither mapped nor pinned", strategy))
+        elif mc and flags[h] & (PG_LRU | PG_ISOLATED) != PG_LRU:
+            # every isolation (khugepaged's, a walker's) is undone by the end of its operation
+            out.append(_v("folio_off_lru", h, f"folio {h} (order {order}) is mapped but off the LRU (flags {int(flags[h]):#x}): an isolation was never put back", strategy))
         if len(out) >= limit:
             return out[:limit]
     nr_free = m.nr_free()
-    if nr_free + allocated != m.L.nr_frames:
-        out.append(_v("frame_accounting", -1, f"{nr_free} free + {allocated} allocated != {m.L.nr_frames} frames", strategy))
+    if nr_free + allocated + 1 != m.L.nr_frames:  # + 1: the zero page, never free, no folio
+        out.append(_v("frame_accounting", -1, f"{nr_free} free + {allocated} allocated + the zero page != {m.L.nr_frames} frames", strategy))
+    bad = m.frames.find_not64(m.zero_pfn * m.page_size, m.words_per_page, 0)
+    if bad >= 0:
+        out.append(_v("zero_page_written", -1, f"the shared zero page (pfn {m.zero_pfn}) was written (word {bad})", strategy))
     free_heads = np.nonzero(flags & PG_BUDDY)[0].tolist()
     wpp = m.words_per_page
     for h in free_heads:
@@ -103,6 +125,29 @@ def check_machine(m: Machine, limit: int = 50) -> list[dict[str, Any]]:
             if len(out) >= limit:
                 break
     return out[:limit]
+
+
+def check_page_tables(m: Machine, strategy: str) -> list[dict[str, Any]]:
+    """Page-table lifetime: every PTE table in use is reached exactly once — by a PMD or from
+    the deposit behind a huge PMD — and every free table still holds its poison."""
+    out: list[dict[str, Any]] = []
+    L = m.L
+    reached: Counter[int] = Counter()
+    for i in range(L.nr_pmds):
+        pmd = int(m.pmds[i])
+        if pmd_trans_huge(pmd):
+            reached[int(m.pt.load64(L.deposit(i)))] += 1
+        elif pmd & _PRESENT:
+            reached[pmd >> 12] += 1
+    for t in range(L.nr_tables):
+        used, n = m.table_in_use(t), reached[t]
+        if used and n != 1:
+            out.append(_v("pt_leak" if n == 0 else "pt_shared", -1, f"PTE table {t} is in use but reached {n} times", strategy))
+        elif not used and n:
+            out.append(_v("pt_use_after_free", -1, f"free PTE table {t} is still reached by {n} PMD(s)", strategy))
+        elif not used and (m.ptes[t * 512 : (t + 1) * 512] != POISON_PT).any():
+            out.append(_v("pt_use_after_free", -1, f"free PTE table {t} was written after pte_free", strategy))
+    return out
 
 
 def lock_name(m: Machine, lock_id: int) -> str:

@@ -232,7 +232,8 @@ def figure_timeline(runs: Sequence[RunResult]) -> Figure:
                 nbins = max(1, int(np.ceil(duration)))
                 widths = np.minimum(1.0, duration - np.arange(nbins))
                 sec = sec[(sec >= 0) & (sec < nbins)]
-                per_run.append(np.bincount(sec.astype(np.int64), minlength=nbins) / widths)
+                # accesses are recorded one in access_sample: scale back to events per second
+                per_run.append(np.bincount(sec.astype(np.int64), minlength=nbins) * r.sample_factor(op) / widths)
             if any(c.sum() for c in per_run):
                 width = max(len(c) for c in per_run)
                 padded = np.array([np.pad(c, (0, width - len(c)), constant_values=np.nan) for c in per_run])

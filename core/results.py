@@ -9,12 +9,25 @@ version listed here and refuse newer ones with a message that says to upgrade):
   1  first format: event columns below; metadata keys schema_version, run_id, kind, params,
      host, calibration, violations, summary; optional ``runs`` (a list of per-run metadata)
      in a merged file that holds the events of several runs.
+  2  a content checksum (schema metadata key ``ptlab_checksum``) that every reader checks;
+     ``summary.duration_s`` is the measured duration; ``started_at`` / ``t0_unix_ns`` give
+     the absolute start time; ``addr`` is a byte address in simulated runs too (version 1
+     stored their virtual page number; the upgrade multiplies by ``params.page_size``);
+     files are written 0644 (umask permitting); a sweep's merged dataset is Parquet.
+     Version-1 files (no checksum) still read.
+
+Content checksum.  ``write_table`` stores ``sha256:<hex>`` under the schema metadata key
+``ptlab_checksum``: SHA-256 over the exact bytes of the ``ptlab`` metadata and over every
+column's values in a canonical form that does not depend on how the file is chunked or
+dictionary-encoded (so the same events read from Arrow IPC or from Parquet give the same
+sum).  ``read_run`` recomputes it and refuses a file whose sum differs: a flipped byte is an
+error, never a silently changed latency.
 
 When a version 2 appears, add its upgrade from 1 to ``_UPGRADES`` (a function that turns a
 version-1 table and metadata into version-2 ones), so every reader sees the newest layout.
 
 Beyond one file: :func:`find_result_files` expands files and directories (recursively, also
-a sweep's hive-partitioned ``merged/strategy=X/*.arrow``), :func:`read_runs` reads them into
+a sweep's hive-partitioned ``merged/strategy=X/*.parquet``), :func:`read_runs` reads them into
 one :class:`RunResult` per run, :func:`concat_events` pools their events into one table with
 unified dictionaries, and :func:`write_merged` writes such a partitioned directory.
 """
@@ -22,6 +35,7 @@ unified dictionaries, and :func:`write_merged` writes such a partitioned directo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -35,9 +49,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 METADATA_KEY = b"ptlab"
+CHECKSUM_KEY = b"ptlab_checksum"
+CHECKSUM_SINCE = 2  # files of this schema version and newer must carry a checksum
+
+# Top-level keys of the ``ptlab`` metadata that ptlab writes (results/SCHEMA.md documents each
+# one; tests/test_results.py holds the document, this tuple and a real run's metadata against
+# each other).
+METADATA_KEYS = (
+    "schema_version", "run_id", "kind", "started_at", "t0_unix_ns", "params", "host",
+    "calibration", "violations", "summary", "roles", "cpu_stats", "access_sample",
+    "quiescent_checks", "stopped", "runs", "clock", "costs", "speed", "schedule",
+)
 
 # Event columns, in file order.  Strings are dictionary-encoded (few distinct values).
 # Units: every *_ns column is nanoseconds of wall-clock time; t_start_ns is relative to the
@@ -68,8 +93,11 @@ EVENT_FIELDS: tuple[pa.Field, ...] = (
 EVENT_SCHEMA = pa.schema(list(EVENT_FIELDS))
 STRING_COLUMNS = tuple(f.name for f in EVENT_FIELDS if pa.types.is_dictionary(f.type))
 PHASE_COLUMNS = ("lock_ns", "unmap_ns", "flush_ns", "refcheck_ns", "copy_ns", "install_ns")
-# File name endings taken as result files when a directory is given.
-RESULT_SUFFIXES = (".arrow", ".ipc", ".feather")
+# File name endings taken as result files when a directory is given (Parquet: a sweep's
+# merged dataset and `ptlab export --parquet`).
+ARROW_SUFFIXES = (".arrow", ".ipc", ".feather")
+PARQUET_SUFFIXES = (".parquet",)
+RESULT_SUFFIXES = ARROW_SUFFIXES + PARQUET_SUFFIXES
 
 
 class ResultFileError(Exception):
@@ -108,6 +136,14 @@ class RunResult:
             return str(s)
         values = pc.unique(self.table.column("strategy").cast(pa.string())).to_pylist()
         return str(values[0]) if values else "unknown"
+
+    def sample_factor(self, op: str) -> int:
+        """How many events of ``op`` each recorded row stands for: TLB-hit accesses are
+        recorded one in ``access_sample`` (metadata), every other op is recorded in full."""
+        if op != "access":
+            return 1
+        f = self.meta.get("access_sample", 1)
+        return int(f) if isinstance(f, int) and not isinstance(f, bool) and f > 0 else 1
 
     @property
     def duration_s(self) -> float:
@@ -186,11 +222,15 @@ def atomic_output(
     """Open ``path`` for writing (binary) so that it appears whole or not at all.
 
     Writes go to a hidden temp file in the same directory, which is fsynced, checked by
-    ``before_rename(temp_path)`` if given, chmod'ed to ``mode`` if given, and renamed over
-    ``path`` when the block ends normally; it is removed if anything raises (even
-    KeyboardInterrupt).  Raises ResultFileError when the directory cannot be created or written.
+    ``before_rename(temp_path)`` if given, chmod'ed to ``mode`` (default: 0666 less the
+    umask, as ``open()`` would create it -- mkstemp's 0600 would hide results from the other
+    users of a shared machine), and renamed over ``path`` when the block ends normally; it is
+    removed if anything raises (even KeyboardInterrupt).  Raises ResultFileError when the
+    directory cannot be created or written.
     """
     path = Path(path)
+    if mode is None:
+        mode = default_file_mode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -203,8 +243,7 @@ def atomic_output(
             os.fsync(f.fileno())
         if before_rename is not None:
             before_rename(Path(tmp))
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -233,18 +272,101 @@ def atomic_write_bytes(
     return out[0]
 
 
+def default_file_mode() -> int:
+    """0666 less this process's umask: the mode ``open()`` gives a new file (0644 usually)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a temp file in the same directory, fsync, then rename.
 
-    An interrupted write never leaves a half file under the final name.  Raises
-    ResultFileError when the directory cannot be created or written.
+    ``*.parquet`` is written as Parquet, anything else as an Arrow IPC file.  A table with
+    ``ptlab`` metadata gets its content checksum (``ptlab_checksum``, see the module
+    docstring) computed here, over exactly what is written.  An interrupted write never
+    leaves a half file under the final name.  Raises ResultFileError when the directory cannot
+    be created or written.
     """
     path = Path(path)
+    meta = dict(table.schema.metadata or {})
+    if METADATA_KEY in meta:
+        meta.pop(CHECKSUM_KEY, None)
+        table = table.replace_schema_metadata(meta)
+        meta[CHECKSUM_KEY] = content_checksum(table).encode()
+        table = table.replace_schema_metadata(meta)
     with atomic_output(path) as f:
-        # zstd-compressed record batches: pyarrow, polars and DuckDB read them transparently
-        with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
-            w.write_table(table)
+        if path.suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            # the Arrow schema (dictionaries, int8/int16, the metadata) is stored with it
+            pq.write_table(table, f, compression="zstd")
+        else:
+            # zstd-compressed record batches: pyarrow, polars and DuckDB read them transparently
+            with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+                w.write_table(table)
     return path
+
+
+def content_checksum(table: pa.Table) -> str:
+    """``sha256:<hex>`` over the table's ``ptlab`` metadata bytes and its column values.
+
+    The values are hashed in a canonical form: each column as one array whatever its chunks;
+    a dictionary-encoded column as the sorted list of the strings it uses and each row's rank
+    in that list (so the dictionary's order, unused entries and the file format do not
+    matter); other columns as their values' bytes and, when there are nulls, the null mask.
+    Any other ``schema metadata`` key (the checksum itself, pandas' or Parquet's) is left out.
+    """
+    h = hashlib.sha256(b"ptlab-checksum-1\0")
+    raw = (table.schema.metadata or {}).get(METADATA_KEY, b"")
+    h.update(len(raw).to_bytes(8, "little") + raw)
+    for f, col in zip(table.schema, table.columns, strict=True):
+        h.update(f"{f.name}\0{f.type}\0{len(col)}\0".encode())
+        if pa.types.is_dictionary(f.type):
+            _hash_dictionary_column(h, col)
+            continue
+        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        if arr.null_count:
+            h.update(b"nulls\0" + arr.is_null().to_numpy(zero_copy_only=False).tobytes())
+            arr = arr.fill_null(pa.scalar(0, arr.type) if not pa.types.is_boolean(arr.type) else False)
+        if pa.types.is_primitive(arr.type) or pa.types.is_boolean(arr.type):
+            h.update(arr.to_numpy(zero_copy_only=False).tobytes())
+        else:  # strings, lists, ...: rare extra columns; slower but canonical
+            h.update(json.dumps(arr.to_pylist(), default=str).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_dictionary_column(h: Any, col: pa.ChunkedArray) -> None:
+    dicts = [ch.dictionary.to_pylist() for ch in col.chunks]
+    values = sorted({str(v) for d in dicts for v in d if v is not None})
+    pos = {v: i + 1 for i, v in enumerate(values)}  # 0: null
+    parts = []
+    for ch, d in zip(col.chunks, dicts, strict=True):
+        perm = np.array([pos[str(v)] if v is not None else 0 for v in d] + [0], dtype=np.int32)
+        idx = ch.indices.fill_null(len(d)) if ch.null_count else ch.indices
+        parts.append(perm[idx.to_numpy(zero_copy_only=False)])
+    codes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    used = np.bincount(codes, minlength=len(values) + 1) > 0
+    rank = (np.cumsum(used) - 1).astype(np.int32)
+    names = ["\x00null" if i == 0 else values[i - 1] for i in np.flatnonzero(used)]
+    h.update(json.dumps(names).encode() + b"\0")
+    h.update(rank[codes].tobytes())
+
+
+def verify_checksum(path: Path, table: pa.Table, version: int) -> None:
+    """Raise ResultFileError unless ``table`` (as read from ``path``) has the checksum it was
+    written with.  Files of schema versions before CHECKSUM_SINCE carry none."""
+    stored = (table.schema.metadata or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        if version >= CHECKSUM_SINCE:
+            raise ResultFileError(f"{path}: has no content checksum (schema {version} files carry "
+                                  f"one); the file was rewritten by another tool or damaged")
+        return
+    if stored.decode(errors="replace") != content_checksum(table):
+        raise ResultFileError(
+            f"{path}: content checksum mismatch: the file changed after ptlab wrote it (a "
+            f"damaged disk or copy, or an edit); its numbers cannot be trusted"
+        )
 
 
 def write_run(path: str | os.PathLike[str], columns: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
@@ -253,20 +375,31 @@ def write_run(path: str | os.PathLike[str], columns: Mapping[str, Any], meta: Ma
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Only the decoded ``ptlab`` metadata of a result file (reads the schema, not the
-    events).  Raises ResultFileError like read_run."""
-    path = Path(path)
-    _check_exists(path)
+    """The decoded ``ptlab`` metadata of a result file.  Reads and checks the whole file (its
+    checksum covers the metadata and the events together).  Raises ResultFileError like
+    read_run."""
+    return read_run(path).meta
+
+
+def _read_raw(path: Path) -> pa.Table:
+    """The table exactly as stored (Arrow IPC file or Parquet), before any upgrade."""
     try:
+        if path.suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            # ParquetFile, not pq.read_table: that would add hive columns from the path
+            return pq.ParquetFile(str(path)).read()
         with pa.memory_map(str(path), "r") as src:
-            schema = ipc.open_file(src).schema
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ResultFileError(f"{path}: not a ptlab Arrow file ({str(e).splitlines()[0]})") from None
-    return _decode_meta(path, schema)
+            return ipc.open_file(src).read_all()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        what = "Parquet" if path.suffix in PARQUET_SUFFIXES else "Arrow"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ResultFileError(f"{path}: not a ptlab {what} file ({first})") from None
 
 
 def read_run(path: str | os.PathLike[str]) -> RunResult:
-    """Read one result file.  Raises ResultFileError with a one-line reason on any problem.
+    """Read one result file (Arrow IPC or Parquet).  Raises ResultFileError with a one-line
+    reason on any problem, including a content checksum that does not match.
 
     The table always has the current EVENT_SCHEMA columns and types: older files are upgraded,
     and a column a file leaves out because its directory names it (``strategy=X/``, as
@@ -274,13 +407,18 @@ def read_run(path: str | os.PathLike[str]) -> RunResult:
     """
     path = Path(path)
     _check_exists(path)
-    try:
-        with pa.memory_map(str(path), "r") as src:
-            table = ipc.open_file(src).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ResultFileError(f"{path}: not a ptlab Arrow file ({str(e).splitlines()[0]})") from None
+    table = _read_raw(path)
     meta = _decode_meta(path, table.schema)
     version = meta["schema_version"]
+    try:
+        verify_checksum(path, table, version)
+    except ResultFileError:
+        raise
+    except Exception as e:  # a damaged file can decode to anything (indices out of range, ...)
+        raise ResultFileError(f"{path}: damaged: its content checksum cannot be computed "
+                              f"({type(e).__name__}: {e})") from None
+    table = table.replace_schema_metadata(
+        {k: v for k, v in (table.schema.metadata or {}).items() if k != CHECKSUM_KEY})
     for v in range(version, SCHEMA_VERSION):
         table, meta = _UPGRADES[v](table, meta)
     table = _normalize(path, table, _hive_keys(path))
@@ -317,8 +455,22 @@ def _decode_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
     return meta
 
 
+def _upgrade_1(table: pa.Table, meta: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+    """1 -> 2: version 1 carries no checksum, no measured duration (the readers fall back to
+    ``params.duration_s``) and no absolute start time; its simulated runs (``kind: sim``)
+    stored ``addr`` as a virtual page number, version 2 as a byte address like kernel runs."""
+    page = (meta.get("params") or {}).get("page_size")
+    if meta.get("kind", "sim") == "sim" and isinstance(page, int) and "addr" in table.column_names:
+        addr = table.column("addr")
+        scaled = pc.if_else(pc.greater_equal(addr, 0), pc.multiply(addr, page), addr)
+        table = table.set_column(table.column_names.index("addr"), "addr", scaled)
+    return table, {**meta, "schema_version": 2}
+
+
 # version -> function upgrading (table, meta) of that version to version + 1.
-_UPGRADES: dict[int, Callable[[pa.Table, dict[str, Any]], tuple[pa.Table, dict[str, Any]]]] = {}
+_UPGRADES: dict[int, Callable[[pa.Table, dict[str, Any]], tuple[pa.Table, dict[str, Any]]]] = {
+    1: _upgrade_1,
+}
 
 
 def _hive_keys(path: Path) -> dict[str, str]:
@@ -372,8 +524,8 @@ def _normalize(path: Path, table: pa.Table, hive: Mapping[str, str]) -> pa.Table
 def find_result_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and directories into a sorted, de-duplicated list of result files.
 
-    A directory is searched recursively for ``*.arrow``, ``*.ipc`` and ``*.feather``
-    (hidden files, such as the temp files of a write in progress, are skipped).  Raises
+    A directory is searched recursively for ``*.arrow``, ``*.ipc``, ``*.feather`` and
+    ``*.parquet`` (hidden files, such as the temp files of a write in progress, are skipped).  Raises
     ResultFileError for a path that does not exist or a directory with no result files.
     """
     out: list[Path] = []
@@ -459,13 +611,14 @@ def read_events(paths: Iterable[str | os.PathLike[str]]) -> pa.Table:
 
 
 def write_merged(runs: Sequence[RunResult], base_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write runs as a hive-partitioned dataset: ``base_dir/strategy=X/part-0.arrow``.
+    """Write runs as a hive-partitioned Parquet dataset: ``base_dir/strategy=X/part-0.parquet``.
 
     Each file holds the events of every run of one strategy, without the ``strategy`` column
-    (the directory names it, as pyarrow.dataset expects), and the per-run metadata in the
-    ``runs`` list of its ``ptlab`` metadata.  Read it back with read_runs(base_dir) or
-    ``pyarrow.dataset.dataset(base_dir, format="arrow", partitioning="hive")``.  Each file is
-    written atomically.  Returns the files written.
+    (the directory names it, as pyarrow.dataset, DuckDB, Spark and polars expect), and the
+    per-run metadata in the ``runs`` list of its ``ptlab`` metadata.  Read it back with
+    read_runs(base_dir), ``pyarrow.dataset.dataset(base_dir, format="parquet",
+    partitioning="hive")`` or DuckDB's ``read_parquet('base_dir/*/*.parquet',
+    hive_partitioning = true)``.  Each file is written atomically.  Returns the files written.
     """
     by_strategy: dict[str, list[RunResult]] = {}
     for r in runs:
@@ -486,5 +639,14 @@ def write_merged(runs: Sequence[RunResult], base_dir: str | os.PathLike[str]) ->
                      for r in group],
         }
         table = events.replace_schema_metadata({METADATA_KEY: encode_meta(meta)})
-        written.append(write_table(table, Path(base_dir) / f"strategy={strategy}" / "part-0.arrow"))
+        written.append(write_table(table, Path(base_dir) / f"strategy={strategy}" / "part-0.parquet"))
     return written
+
+
+def export_parquet(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Write the result file ``src`` (checked on reading) as Parquet at ``dest``: the same
+    events and metadata, a fresh checksum.  DuckDB, Spark and polars read Parquet natively.
+    Raises ResultFileError."""
+    run = read_run(src)
+    table = run.table.replace_schema_metadata({METADATA_KEY: encode_meta(run.meta)})
+    return write_table(table, dest)

@@ -6,7 +6,10 @@ an MADV_DONTNEED of a few pages, as an allocator returning memory does — so ho
 and collapse work never runs out), gup-fast and gup-slow (pin a page, write through the pin like a
 DMA engine for ``pin_hold_us``, unpin, then check the DMA write is visible through the page table),
 mmap (mmap()/mprotect()/munmap() churn on small VMAs of the same mm), zap (MADV_DONTNEED of random
-ranges), khugepaged (scan, collapse with the run's strategy, record the result and phase times).
+ranges), khugepaged (scan, collapse with the run's strategy, record the result and phase times),
+and requirement c)'s walkers (core/walkers.py): rmap-walk (folio_referenced / migration of the
+collapsing VMA's folios), pt-walk (smaps, MADV_COLD / MADV_PAGEOUT), vma-change (mprotect() and
+mmap(MAP_FIXED) over sub-ranges of the collapsing VMA).
 """
 
 from __future__ import annotations
@@ -16,13 +19,28 @@ import random
 from typing import Any
 
 from ptlab.core import strategies
-from ptlab.core._prims import now_ns
-from ptlab.core.config import RunConfig
+from ptlab.core.config import PTRS_PER_PTE, RunConfig
+from ptlab.core.config import Role as RoleName
 from ptlab.core.cpu import CpuContext, Stopped
 from ptlab.core.errors import OwnerDied
 from ptlab.core.events import OP, RESULT, pack
 from ptlab.core.khugepaged import PHASES, collapse_range, scan_pmd
-from ptlab.core.layout import CPU_STATE, GATE, PARKED, QUIESCE, READY, ST_DONE, STOP, T0
+from ptlab.core.layout import (
+    COLLAPSE_PHASE,
+    COLLAPSE_START,
+    COLLAPSING,
+    CPU_STATE,
+    GATE,
+    PARKED,
+    POISON_FREE,
+    QUIESCE,
+    READY,
+    ST_DONE,
+    STOP,
+    T0,
+    pmd_trans_huge,
+)
+from ptlab.core.locks import check_locks_released
 from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
 from ptlab.core.paths import (
     DMA_WORD,
@@ -39,15 +57,27 @@ from ptlab.core.paths import (
     translate,
     zap_range,
 )
+from ptlab.core.walkers import (
+    MADV_PAGES,
+    change_protection,
+    madvise_cold_or_pageout,
+    migrate_folio,
+    mmap_fixed_over,
+    shrink_active_folio,
+    smaps_walk,
+)
 from ptlab.workloads.patterns import make_pattern
 
 FREE_RATE = 0.002  # app: probability per access of an MADV_DONTNEED of zap_pages pages
 OTHER_VMA_RATE = 0.1  # app: share of accesses that go to the other VMA
 WRITE_RATE = 0.5
 IDLE_NS = 1_000_000  # khugepaged between passes with nothing to do; zap between zaps
+TARGET_POLL_NS = 20_000  # a GUP CPU with stress_target=collapse, between looks for a collapse
+REFCHECK_PHASE = PHASES.index("refcheck") + 1  # as published in COLLAPSE_PHASE
+COPY_PHASE = PHASES.index("copy") + 1
 MMAP_GAP_NS = 200_000  # mmap role: between mmap/mprotect/munmap cycles
 
-STOP_WATCHDOG, STOP_FAILED = 2, 3  # STOP values (1 is not used: the end is time-based)
+STOP_WATCHDOG, STOP_FAILED, STOP_VIOLATION = 2, 3, 4  # STOP values (1 is not used: the end is time-based)
 
 
 def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, pin_core: int | None) -> dict[str, Any]:
@@ -74,7 +104,7 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
         runner = ROLES[role](cpu, random.Random(seed * 1000 + cpu_id))
         try:
             ctl = m.ctl
-            while now_ns() < end and not ctl.load32(STOP):
+            while cpu.now() < end and not ctl.load32(STOP):
                 runner.step()
                 cpu.interrupt_point()
                 if ctl.load32(QUIESCE):
@@ -86,11 +116,15 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
     except OwnerDied as e:
         error = str(e)
         m.ctl.cas32(STOP, 0, STOP_FAILED)
-    except Exception as e:  # the machine reached a state no kernel path expects: report it
+    except Exception as e:
+        # the machine reached a state no kernel path expects: the run cannot complete, and it
+        # is a failed run (exit 3), never a catch — the cell raises RunFailed with this line
         import traceback
 
         where = traceback.extract_tb(e.__traceback__)[-1]
-        cpu.violation("cpu_exception", detail=f"{type(e).__name__}: {e} at {os.path.basename(where.filename)}:{where.lineno} ({where.name})")
+        detail = f"{type(e).__name__}: {e} at {os.path.basename(where.filename)}:{where.lineno} ({where.name})"
+        cpu.violation("cpu_exception", detail=detail)
+        error = f"simulated CPU {cpu_id} ({role}) raised {detail}"
         m.ctl.cas32(STOP, 0, STOP_FAILED)
     finally:
         m.ctl.store32(cpu.base + CPU_STATE, ST_DONE)
@@ -119,9 +153,26 @@ def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, p
     return out
 
 
+def assign_roles(config: RunConfig) -> list[str]:
+    """CPU id -> role, in the order roles are declared, khugepaged last (so CPU 0 is an app CPU
+    when there is one)."""
+    order = [r.value for r in RoleName if r.value != "khugepaged"] + ["khugepaged"]
+    return [role for role in order for _ in range(config.cpus.get(role, 0))]
+
+
+def no_lock_held(cpu: CpuContext, where: str) -> None:
+    """Between two operations a CPU holds no lock.  A leaked one is recorded (``lock_leak``)
+    and ends the run at once (STOP_VIOLATION): every other CPU would soon wait on it for ever,
+    turning a found bug into a watchdog stall, which is a failed run, not a catch."""
+    if check_locks_released(cpu.m, cpu, where):
+        cpu.ctl.cas32(STOP, 0, STOP_VIOLATION)
+        raise Stopped()
+
+
 def park(cpu: CpuContext) -> None:
     """A quiescent point: between two operations this CPU holds no lock, no pin and no
     half-changed entry, so the driver can check the machine's invariants while all are parked."""
+    no_lock_held(cpu, "at a quiescent point")
     ctl = cpu.ctl
     ctl.fetch_add32(PARKED, 1)
     try:
@@ -152,7 +203,7 @@ class Role:
 
     def idle(self, ns: int) -> None:
         """Go idle for ns (leaves mm_cpumask like a CPU entering the idle loop)."""
-        self.cpu.futex_sleep(self.m.ctl, STOP, 0, ns)
+        self.cpu.idle(ns)
 
     def zap(self, vma: int = VMA_COLLAPSE) -> None:
         cpu, cfg = self.cpu, self.config
@@ -175,10 +226,15 @@ class App(Role):
         self.n = 0
         self.others = [c for c in range(self.config.nr_cpus) if c != cpu.id]
         self.sample = cpu.sample
+        self.think = self.config.think_ns
+        self.refault = self.config.workload == "refault"
         self.codes = {v: pack(OP["access"], cpu.role_code, 0, RESULT["ok"], v, 0, False) for v in (VMA_COLLAPSE, VMA_OTHER)}
 
     def step(self) -> None:
         cpu, rng = self.cpu, self.rng
+        if self.refault:
+            self.refault_step()
+            return
         r = rng.random()
         if r < FREE_RATE:  # free memory where the accesses go: both VMAs get holes to refault
             self.zap(VMA_OTHER if rng.random() < OTHER_VMA_RATE else VMA_COLLAPSE)
@@ -191,15 +247,34 @@ class App(Role):
         record = self.n % self.sample == 0
         if record:
             cpu.wait_kind = ""
-            t0, s0, z0 = now_ns(), cpu.spin_ns, cpu.sleep_ns
+            t0, s0, z0 = cpu.now(), cpu.spin_ns, cpu.sleep_ns
         if rng.random() < WRITE_RATE or not self.others:
             access_store(cpu, self.oracle, vpn)
         else:
             access_load(cpu, self.oracle, vpn, self.others[self.n % len(self.others)])
         if record:
             cpu.record_access(t0, s0, z0, vpn, self.codes[vma])
+        if self.think:
+            cpu.delay(self.think)  # the application's own work between two accesses
         if self.n & 63 == 0:
             cpu.progress()
+
+
+    def refault_step(self) -> None:
+        """`ptlab kernel`'s fault thread: MADV_DONTNEED a random run of zap_pages pages of this
+        CPU's VMA (even CPUs the collapsing one, odd the other), then write each back in."""
+        cpu = self.cpu
+        vma, (base, n) = (VMA_OTHER, self.vma1) if cpu.id % 2 else (VMA_COLLAPSE, self.vma0)
+        z = min(self.config.zap_pages, n)
+        start = base + (self.rng.randrange(n) // z) * z
+        begin = cpu.op_begin()
+        zap_range(cpu, start, z)
+        cpu.op_end(begin, "zap", "ok", start, vma=vma)
+        for vpn in range(start, start + z):
+            access_store(cpu, self.oracle, vpn)
+            if self.think:
+                cpu.delay(self.think)
+        cpu.progress()
 
 
 class Gup(Role):
@@ -212,10 +287,21 @@ class Gup(Role):
         super().__init__(cpu, rng)
         self.word = DMA_WORD + cpu.id
         self.held: int = -1
+        self.targeted = self.config.stress_target == "collapse"
 
     def step(self) -> None:
         cpu, m = self.cpu, self.m
         vpn = self.vma0[0] + self.pick0()
+        if self.targeted:  # stress for `ptlab check`: pin a page of the range being collapsed
+            start = m.ctl.load64(COLLAPSE_START) - 1
+            if start < 0:
+                self.idle(TARGET_POLL_NS)  # no collapse in flight: wait for one
+                return
+            vpn = start + self.rng.randrange(1 << self.config.order)
+            if self.rng.random() < 0.5:  # half the pins wait for the reference check to begin
+                ctl = m.ctl
+                while ctl.load32(COLLAPSE_PHASE) != REFCHECK_PHASE and ctl.load64(COLLAPSE_START) - 1 == start:
+                    cpu.delay(2_000)
         epoch = m.epoch(vpn)  # before the pin: a zap after it unmaps the pinned page legitimately
         head = pfn = -1
         if self.fast:
@@ -233,18 +319,18 @@ class Gup(Role):
         off = m.page_word_off(pfn, self.word)
         last = self.oracle.dma.get(vpn)
         v = m.frames.load64(off)
-        if last is not None and v != last[0] and not (v == 0 and m.epoch(vpn) != last[1]):
+        if v == POISON_FREE:
+            cpu.violation("use_after_free", page=vpn, detail=f"CPU {cpu.id} pinned page {vpn} (pfn {pfn}) and found the free poison")
+        elif last is not None and v != last[0] and not (v == 0 and (m.epoch(vpn) != last[1] or last[1] & 1)):
             cpu.violation("lost_dma_write", page=vpn, detail=f"DMA word of CPU {cpu.id} on page {vpn} holds {v:#x}, expected {last[0]:#x}")
-        hold_until = now_ns() + self.config.pin_hold_us * 1000
+        hold_until = cpu.now() + self.config.pin_hold_us * 1000
         while True:  # the device writes through the pinned page, not through the page table
             self.oracle.seq += 1
             v = vpn << 32 | (self.oracle.seq & 0xFFFFFFFF)
             m.frames.store64(off, v)
-            if now_ns() >= hold_until:
+            if cpu.now() >= hold_until:
                 break
-            until = now_ns() + 20_000
-            while now_ns() < until:
-                cpu.interrupt_point()
+            cpu.delay(20_000)
         self.held = -1
         m.unpin_folio(cpu, head)
         self.oracle.dma[vpn] = (v, epoch)
@@ -296,8 +382,36 @@ class Mmap(Role):
 
 
 class Zap(Role):
+    """MADV_DONTNEED of a few pages of the collapsing VMA; where it lands on a PMD-mapped THP it
+    frees the whole 2 MiB (zap_huge_pmd), which frees the PTE table deposited behind it."""
+
     def step(self) -> None:
-        self.zap()
+        m, cpu = self.m, self.cpu
+        vpn = self.vma0[0] + self.pick0()
+        if self.config.stress_target == "collapse":  # stress for `ptlab check`: zap mid-collapse
+            start = m.ctl.load64(COLLAPSE_START) - 1
+            if start < 0:
+                self.idle(TARGET_POLL_NS)  # no collapse in flight: wait for one
+                return
+            vpn = start + self.rng.randrange(1 << self.config.order)
+            # half the zaps come when the references are checked (the entries still present),
+            # half when the copy runs (the entries cleared or migration entries)
+            phase = REFCHECK_PHASE if self.rng.random() < 0.5 else COPY_PHASE
+            ctl = m.ctl
+            while ctl.load32(COLLAPSE_PHASE) != phase and ctl.load64(COLLAPSE_START) - 1 == start:
+                cpu.delay(2_000)
+        if pmd_trans_huge(m.pmdp_get(vpn >> 9)):
+            begin = cpu.op_begin()
+            start = vpn & ~(PTRS_PER_PTE - 1)
+            zap_range(cpu, start, PTRS_PER_PTE)
+            cpu.op_end(begin, "zap", "ok", start, vma=VMA_COLLAPSE)
+        elif self.config.stress_target == "collapse":
+            n = self.config.zap_pages
+            begin = cpu.op_begin()
+            zap_range(cpu, vpn // n * n, n)
+            cpu.op_end(begin, "zap", "ok", vpn // n * n, vma=VMA_COLLAPSE)
+        else:
+            self.zap()
         self.idle(IDLE_NS)
 
 
@@ -315,7 +429,13 @@ class Khugepaged(Role):
         self.idle_pass = 0
 
     def step(self) -> None:
+        if self.config.collapse_context == "madvise":
+            self.madvise_collapse_step()
+            self.idle(MADV_COLLAPSE_GAP_NS)
+            return
         cpu, m = self.cpu, self.m
+        if "test-cpu-exception" in cpu.bugs:
+            raise RuntimeError("test-cpu-exception: a kernel path reached a state it cannot handle")
         start = self.ranges[self.cursor]
         self.cursor = (self.cursor + 1) % len(self.ranges)
         if self.cursor == 0:
@@ -340,6 +460,114 @@ class Khugepaged(Role):
         begin = cpu.op_begin()
         result, phases = collapse_range(cpu, self.strategy, start, self.order)
         cpu.record_collapse(begin, result, start, self.order, [phases[p] for p in PHASES])
+        no_lock_held(cpu, f"after a collapse ({result})")
+
+
+    def madvise_collapse_step(self) -> int:
+        """madvise(MADV_COLLAPSE) of one 2 MiB range, as `ptlab kernel`'s collapser calls it:
+        madvise() takes mmap_lock for read (waiting for it), madvise_collapse() drains the
+        per-CPU LRU batches (lru_add_drain_all()) and scans, collapse_huge_page() collapses;
+        then the range is split again (MADV_DONTNEED of one page, touched back in) so the next
+        pass has work.  The whole call is the collapse event and the "during a collapse"
+        window, as in the kernel probe."""
+        cpu, m = self.cpu, self.m
+        start = self.ranges[self.cursor]
+        self.cursor = (self.cursor + 1) % len(self.ranges)
+        begin = cpu.op_begin()
+        cpu.ctl.fetch_add32(COLLAPSING, 1)
+        phases = dict.fromkeys(PHASES, 0)
+        try:
+            m.mmap_lock.down_read(cpu)  # madvise(): MADV_COLLAPSE holds mmap_lock for read
+            try:
+                cpu.charge("lru_drain")  # lru_add_drain_all(), under mmap_read_lock
+                result = scan_pmd(cpu, start, self.order)
+            finally:
+                m.mmap_lock.up_read(cpu)  # collapse_huge_page() drops it before allocating
+            if result == "SCAN_SUCCEED":
+                result, phases = collapse_range(cpu, self.strategy, start, self.order)
+        finally:
+            cpu.ctl.fetch_add32(COLLAPSING, -1)
+        latency = cpu.now() - begin[0]
+        cpu.record_collapse(begin, result, start, self.order, [phases[p] for p in PHASES])
+        page = start + self.rng.randrange(1 << self.order)
+        zap_range(cpu, page, 1)  # splits the PMD (split_huge_pmd), leaves a hole
+        access_store(cpu, self.oracle, page)  # and touches it back in
+        return latency
+
+
+MADV_COLLAPSE_GAP_NS = 200_000  # after each MADV_COLLAPSE, as `ptlab kernel --gap-us` by default
+WALK_GAP_NS = 100_000  # rmap-walk, pt-walk: between two walks (background scanners, not tight loops)
+VMA_CHANGE_GAP_NS = 500_000  # vma-change: between two mprotect()/munmap() calls
+
+
+class RmapWalk(Role):
+    """Requirement c)'s rmap walker (core/walkers.py), a kernel thread like kswapd/kcompactd:
+    each step takes a folio of the collapsing VMA off the LRU and either ages it
+    (shrink_active_list() -> folio_referenced()) or migrates it (migrate_pages(), MIGRATE_ASYNC)."""
+
+    def step(self) -> None:
+        cpu = self.cpu
+        vpn = self.vma0[0] + self.pick0()
+        migrate = self.rng.random() < 0.5
+        during = cpu.collapsing()
+        begin = cpu.op_begin()
+        if migrate:
+            cpu.op_end(begin, "migrate", migrate_folio(cpu, vpn), vpn, vma=VMA_COLLAPSE, during=during)
+        else:
+            cpu.op_end(begin, "folio_referenced", shrink_active_folio(cpu, vpn), vpn, vma=VMA_COLLAPSE, during=during)
+        self.idle(WALK_GAP_NS)
+
+
+class PtWalk(Role):
+    """Requirement c)'s page-table walker (core/walkers.py), another process: reads
+    /proc/pid/smaps of the whole collapsing VMA, or madvise(MADV_COLD / MADV_PAGEOUT)s a range
+    of it (process_madvise())."""
+
+    def step(self) -> None:
+        cpu = self.cpu
+        r = self.rng.random()
+        during = cpu.collapsing()
+        begin = cpu.op_begin()
+        if r < 1 / 3:
+            start, n = self.vma0
+            smaps_walk(cpu, start, start + n)
+            cpu.op_end(begin, "smaps", "ok", start, vma=VMA_COLLAPSE, during=during)
+        else:
+            start = self.vma0[0] + (self.pick0() // MADV_PAGES) * MADV_PAGES
+            pageout = r >= 2 / 3
+            madvise_cold_or_pageout(cpu, start, MADV_PAGES, pageout)
+            cpu.op_end(begin, "madv_pageout" if pageout else "madv_cold", "ok", start, vma=VMA_COLLAPSE, during=during)
+        self.idle(WALK_GAP_NS)
+
+
+class VmaChange(Role):
+    """Requirement c)'s VMA changes (core/walkers.py), a thread of the process: mprotect() of a
+    sub-range of the collapsing VMA read-only and, next step, back to read-write; or
+    mmap(MAP_FIXED) over a sub-range (recorded as munmap: its unmap is what meets a collapse).
+    mremap() is not modelled (see core/walkers.py)."""
+
+    def __init__(self, cpu: CpuContext, rng: random.Random) -> None:
+        super().__init__(cpu, rng)
+        self.read_only = -1  # start of the range left read-only by the last step, or -1
+
+    def step(self) -> None:
+        cpu = self.cpu
+        during = cpu.collapsing()
+        n = 1 << min(self.config.order, 6)
+        begin = cpu.op_begin()
+        if self.read_only >= 0:
+            start, self.read_only = self.read_only, -1
+            cpu.op_end(begin, "mprotect", change_protection(cpu, start, n, writable=True), start, vma=VMA_COLLAPSE, during=during)
+        elif self.rng.random() < 0.5:
+            start = self.vma0[0] + (self.pick0() // n) * n
+            self.read_only = start
+            cpu.op_end(begin, "mprotect", change_protection(cpu, start, n, writable=False), start, vma=VMA_COLLAPSE, during=during)
+        else:
+            z = self.config.zap_pages
+            start = self.vma0[0] + (self.pick0() // z) * z
+            mmap_fixed_over(cpu, start, z)
+            cpu.op_end(begin, "munmap", "ok", start, vma=VMA_COLLAPSE, during=during)
+        self.idle(VMA_CHANGE_GAP_NS)
 
 
 ROLES: dict[str, type[Role]] = {
@@ -349,6 +577,9 @@ ROLES: dict[str, type[Role]] = {
     "mmap": Mmap,
     "zap": Zap,
     "khugepaged": Khugepaged,
+    "rmap-walk": RmapWalk,
+    "pt-walk": PtWalk,
+    "vma-change": VmaChange,
 }
 
-__all__ = ["run_cpu", "ROLES", "STOP_WATCHDOG", "STOP_FAILED"]
+__all__ = ["run_cpu", "ROLES", "STOP_WATCHDOG", "STOP_FAILED", "STOP_VIOLATION"]

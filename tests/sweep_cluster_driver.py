@@ -3,9 +3,11 @@ session's embedded Ray must not see this cluster).  Prints one JSON line with wh
 
     python tests/sweep_cluster_driver.py OUT_DIR
 
-Two nodes with one core each (127.0.0.2 head, 127.0.0.3).  Scenario "spread": 4 one-second
-cells whose CPU actors are really started in the cells' placement groups.  Scenario
-"node-loss": 6 one-second cells; when the second node is running a cell, it is removed.
+Two nodes with one core each (the head on $PTLAB_TEST_RAY_IP, default 127.0.0.2; the second
+on the same address with 100 added to its last byte).  Scenario "spread": 4 one-second cells
+whose CPU actors are really started in the cells' placement groups.  Scenario "node-loss": 6
+one-second cells; when the second node is running a cell, it is removed.  The driver joins the
+cluster through ptlab.cluster.sweep.connect, as ``ptlab sweep --address`` does.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def merged_cells(out: Path) -> dict[str, list[int]]:
     import pyarrow.dataset as ds
 
     seen: dict[str, list[int]] = {}
-    for part in sorted((out / "merged").rglob("part-*.arrow")):
+    for part in sorted((out / "merged").rglob("part-*.parquet")):
         seen.setdefault(part.stem.removeprefix("part-"), [0, 0])[0] += 1
-    table = ds.dataset(out / "merged", format="arrow", partitioning="hive").to_table(
+    table = ds.dataset(out / "merged", format="parquet", partitioning="hive").to_table(
         columns=["cell_id"]
     )
     counts = table.unify_dictionaries().group_by("cell_id").aggregate([("cell_id", "count")])
@@ -54,33 +56,46 @@ def merged_cells(out: Path) -> dict[str, list[int]]:
     return seen
 
 
+def loopback_pair() -> tuple[str, str]:
+    """The head's address and the second node's (last byte + 100): distinct per test
+    session, so concurrent sessions' clusters do not meet."""
+    head = os.environ.get("PTLAB_TEST_RAY_IP", "127.0.0.2")
+    a, b, c, d = head.split(".")
+    last = int(d) + 100 if int(d) + 100 <= 254 else int(d) - 100
+    return head, f"{a}.{b}.{c}.{last}"
+
+
 def main(out_root: str) -> None:
+    from ptlab.cluster.sweep import connect
+
     out_root_p = Path(out_root)
     t0 = time.time()
+    head_ip, second_ip = loopback_pair()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 1,
-            "node_ip_address": "127.0.0.2",
+            "node_ip_address": head_ip,
             "object_store_memory": 100 * MiB,
             "include_dashboard": False,
         },
     )
     second = cluster.add_node(
-        num_cpus=1, node_ip_address="127.0.0.3", object_store_memory=100 * MiB
+        num_cpus=1, node_ip_address=second_ip, object_store_memory=100 * MiB
     )
-    ray.init(address=cluster.address, log_to_driver=False)
+    connect(cluster.address)
     head_id = ray.get_runtime_context().get_node_id()
     nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    second_id = nodes["127.0.0.3"]
-    report: dict = {"startup_s": time.time() - t0, "head": head_id, "second": second_id}
+    second_id = nodes[second_ip]
+    report: dict = {"startup_s": time.time() - t0, "head": head_id, "second": second_id,
+                    "second_ip": second_ip}
     base = {"duration_s": 1.0, "warmup_s": 0.0}
     one_cpu = ({"app": 1, "khugepaged": 0},)
     try:
         # 1. cells land on both nodes; each cell's CPU actors run where the cell does
         t = time.time()
         spec = SweepSpec(
-            strategies=("pmd-clear", "ptl-hold"), orders=(4, 9), cpus=one_cpu, base=base
+            strategies=("pmd-clear", "ptl-hold"), orders=(4, 5), cpus=one_cpu, base=base
         )
         out = out_root_p / "spread"
         rep = run_sweep(spec, out, cell_fn=functools.partial(dry_cell, actors=True))
@@ -105,7 +120,7 @@ def main(out_root: str) -> None:
                         cluster.remove_node(second)
                         removed.update(at_s=p.elapsed_s, done_before=p.done, second_done=n.done)
 
-        spec = SweepSpec(strategies=("pmd-clear", "ptl-hold", "migration-entry"), orders=(4, 9),
+        spec = SweepSpec(strategies=("pmd-clear", "ptl-hold", "migration-entry"), orders=(4, 5),
                          cpus=one_cpu, base={"duration_s": 1.5, "warmup_s": 0.0})  # fmt: skip
         out = out_root_p / "node-loss"
         rep = run_sweep(spec, out, cell_fn=dry_cell, on_progress=kill_second)
@@ -115,6 +130,7 @@ def main(out_root: str) -> None:
             "removed": removed, "results": result_nodes(out), "merged": merged_cells(out),
             "history": {cid: c["history"] for cid, c in manifest["cells"].items()},
             "grid": manifest["grid"],
+            "lost_lines": [lost.line() for lost in rep.lost_nodes],
             "timing": {c.cell_id: [round(c.started_at - t, 2), round(c.ended_at - t, 2), c.node_ip] for c in rep.cells},
         }  # fmt: skip
     finally:

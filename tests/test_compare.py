@@ -3,9 +3,13 @@ host checks, the three output formats, and the CLI's exit codes for good and bad
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +295,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, *argv: Any) -> int:
 def _one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("ptlab: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert re.search(r"\(see `ptlab( \w+)? --help`\)$", err), f"no usage hint at the end: {err}"
     for n in needles:
         assert n in err, err
 
@@ -338,7 +343,15 @@ def test_cli_compare_bad_input(three_x: Path, tmp_path: Path, monkeypatch: pytes
     blocker.write_text("")
     assert run_cli(monkeypatch, "compare", three_x, "-o", blocker / "x" / "cmp.md") == 2
     _one_error_line(capsys, "cannot write")
-    assert not (tmp_path / "x").exists()
+
+    # a comparison that fails (an unknown baseline) creates nothing under --out: the output
+    # directory is made only once there is something to write into it
+    out = tmp_path / "new-dir" / "sub" / "cmp.md"
+    assert run_cli(monkeypatch, "compare", three_x, "--baseline", "nope", "-o", out) == 2
+    _one_error_line(capsys, "--baseline")
+    assert not (tmp_path / "new-dir").exists()
+    assert run_cli(monkeypatch, "compare", three_x, "-o", out) == 0  # and the same path works
+    assert out.exists()
 
 
 def test_cli_unknown_choice_is_a_usage_error(three_x: Path, monkeypatch: pytest.MonkeyPatch,
@@ -401,3 +414,192 @@ def test_installed_entry_point(three_x: Path, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("ptlab: error: ") and "Traceback" not in bad.stderr
+
+
+# --- rates, numbers, formats ---------------------------------------------------------------------
+
+
+def test_access_rate_counts_the_sampled_accesses(tmp_path: Path) -> None:
+    """TLB-hit accesses are recorded one in access_sample: access/s scales the count back up
+    (without it the rate is 8x low); other ops are recorded in full."""
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, duration_s=2.0, n_faults=1000,
+             meta_extra={"access_sample": 8})
+    rates = {r["metric"]: r["hmean_per_s"] for r in compare_paths([tmp_path]).rates.to_pylist()}
+    assert rates["access/s"] == pytest.approx(5 * 1000 * 8 / 2.0)
+    assert rates["fault/s"] == pytest.approx(1000 / 2.0)
+
+
+def test_rates_use_the_measured_duration(tmp_path: Path) -> None:
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, duration_s=2.0, n_collapses=50,
+             meta_extra={"summary": {"duration_s": 2.5}})
+    rates = {r["metric"]: r["hmean_per_s"] for r in compare_paths([tmp_path]).rates.to_pylist()}
+    assert rates["collapses_attempted/s"] == pytest.approx(50 / 2.5)
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, "—"), (0, "0"), (5.123, "5.12"), (12.34, "12.3"), (123.4, "123"), (0.05123, "0.0512"),
+    (999.6, "1,000"), (1234.5, "1,234"), (1_234_567.0, "1,234,567"), (-12.34, "-12.3"),
+    (float("nan"), "—"), (float("inf"), "inf"),
+])
+def test_one_number_format(value: float | None, text: str) -> None:
+    from ptlab.core.compare import fmt_num
+
+    assert fmt_num(value) == text
+
+
+def test_tables_use_the_number_format(three_x: Path) -> None:
+    """Thousands separators and significant digits in every table (no 1.23e+03)."""
+    text = render_text(compare_paths([three_x]))
+    assert "e+0" not in text and "4,000" in text  # the fault count of 2 runs
+    md = render_markdown(compare_paths([three_x]))
+    assert "e+0" not in md
+    # 2,000 faults in 2 s per run: 1,000/s, with its separator (the old rate format gave "1000")
+    assert "| pmd-clear | fault/s | 2 | 1,000 | 1,000 | 1,000 |" in md, md
+
+
+def test_mail_text_is_ascii_at_most_72_columns_side_by_side(three_x: Path) -> None:
+    from ptlab.core.compare import render_mail_text
+
+    text = render_mail_text(compare_paths([three_x]))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 72, max(lines, key=len)
+    text.encode("ascii")  # pastes into any mail client
+    head = next(line for line in lines if "pmd-clear" in line and "ptl-hold" in line)
+    assert head.index("pmd-clear") < head.index("ptl-hold") < head.index("migration-entry")
+    fault = next(line for line in lines if line.strip().startswith("fault p50"))
+    # ptl-hold is 3x slower and significant, migration-entry the same and not
+    assert re.search(r"x(2\.9\d|3\.0\d)\*", fault), fault
+    assert re.search(r"x(0\.9\d|1\.0\d)(\s|$)", fault), fault
+    assert "significant" in text and "Mann-Whitney" in text
+
+
+def test_mail_text_wraps_many_groups_and_long_names(tmp_path: Path) -> None:
+    from ptlab.core.compare import render_mail_text
+
+    for i, order in enumerate((2, 3, 4, 5, 6)):
+        for s in ("pmd-clear", "migration-entry"):
+            make_run(tmp_path / f"{s}-{order}.arrow", s, seed=i, params={"order": order})
+    text = render_mail_text(compare_paths([tmp_path]))
+    assert max(len(line) for line in text.splitlines()) <= 72
+    for order in (2, 3, 4, 5, 6):
+        assert f"migration-entry [order={order}]" in text  # the legend names every group whole
+
+
+def test_json_has_stable_keys(three_x: Path) -> None:
+    from ptlab.core.compare import LATENCY_SCHEMA, RATIOS_SCHEMA, render_json
+
+    cmp = compare_paths([three_x])
+    text = render_json(cmp)
+    assert text == render_json(compare_paths([three_x]))  # the same files, the same bytes
+    doc = json.loads(text)
+    assert doc["format"] == "ptlab-compare" and doc["format_version"] == 1
+    assert {"baseline", "groups", "notes", "hosts", "runs", "latency", "waits", "rates",
+            "results", "ratios"} <= set(doc)
+    assert all(set(r) == set(LATENCY_SCHEMA.names) for r in doc["latency"])
+    assert all(set(r) == set(RATIOS_SCHEMA.names) for r in doc["ratios"])
+    assert any(r["p999_us"] is None for r in doc["latency"])  # missing is null, never NaN
+    assert "NaN" not in text
+
+
+def test_csv_is_the_long_table(three_x: Path) -> None:
+    from ptlab.core.compare import render_csv
+
+    cmp = compare_paths([three_x])
+    rows = list(csv.reader(io.StringIO(render_csv(cmp))))
+    assert rows[0] == ["section", "strategy", "config", "key", "stat", "value", "text"]
+    assert len(rows) - 1 == cmp.to_arrow().num_rows
+    verdicts = [r[6] for r in rows if r[0] == "ratios" and r[1] == "ptl-hold"
+                and r[3] == "latency:fault" and r[4] == "verdict"]
+    assert verdicts == [SIGNIFICANT]
+
+
+def test_arrow_output_has_a_format_version_and_dictionary_strings(three_x: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    from ptlab.core.compare import write_comparison_arrow
+
+    t = ipc.open_file(write_comparison_arrow(compare_paths([three_x]), tmp_path / "c.arrow")).read_all()
+    meta = json.loads(t.schema.metadata[b"ptlab_compare"])
+    assert meta["format_version"] == 1
+    for name in ("section", "strategy", "config", "key", "stat", "text"):
+        assert pa.types.is_dictionary(t.schema.field(name).type), name
+    assert t.schema.field("value").type == pa.float64()
+
+
+def test_cli_compare_and_show_formats(three_x: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for fmt in ("text", "json", "csv"):
+        assert run_cli(monkeypatch, "compare", three_x, "--format", fmt) == 0
+        out = capsys.readouterr().out
+        assert out.strip()
+    f = sorted(three_x.glob("ptl-*.arrow"))[0]
+    assert run_cli(monkeypatch, "show", f, "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["checksum"] == "ok" and doc["params"]["strategy"] == "ptl-hold"
+    assert {r["op"] for r in doc["events"]} >= {"fault", "access", "collapse"}
+    assert run_cli(monkeypatch, "show", f, "--format", "csv") == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["section", "key", "stat", "value"]
+    assert ["events", "app/fault", "count", "2000"] in rows
+    assert run_cli(monkeypatch, "show", f, "--format", "md") == 0
+    assert "| app | fault | 2,000 |" in capsys.readouterr().out
+
+
+# --- as a user meets it: pipes (subprocesses) ----------------------------------------------------
+
+PTLAB = [sys.executable, "-m", "ptlab.cli.main"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "80", "TERM": "xterm", **extra}
+
+
+@pytest.mark.parametrize("cmd", [["show", "ptl-0.arrow"], ["compare", "."], ["compare", ".", "-f", "json"],
+                                 ["show", "ptl-0.arrow", "-f", "csv"]])
+def test_a_closed_pipe_exits_0_quietly(three_x: Path, cmd: list[str]) -> None:
+    """``ptlab show X | head -1``: the reader is gone before ptlab writes (the read end is
+    closed at once, so every write fails with EPIPE): exit 0, nothing on stderr."""
+    import subprocess
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([*PTLAB, *cmd], cwd=three_x, stdout=w, stderr=subprocess.PIPE,
+                              env=_env(), timeout=300)
+    finally:
+        os.close(w)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stderr == b""
+
+
+def test_piped_tables_are_never_cut(tmp_path: Path) -> None:
+    """Piped (not a terminal, COLUMNS=80), a table is as wide as its content: a long name or
+    value appears whole, never cut with "…"."""
+    import subprocess
+
+    long_detail = "slot held 3, expected 4 " + "x" * 150 + " END-OF-DETAIL"
+    f = make_run(tmp_path / "v.arrow", "migration-entry", seed=3,
+                 params={"inject_bugs": ["migration-refcheck-before-unmap", "migration-no-refcheck"]},
+                 violations=[{"kind": "lost_dma_write", "cpu": 1, "page": 7, "strategy": "migration-entry",
+                              "phase": "copy", "t_ns": 5, "detail": long_detail}])
+    make_run(tmp_path / "p.arrow", "pmd-clear", seed=4)
+    out = subprocess.run([*PTLAB, "show", str(f)], capture_output=True, text=True, env=_env(),
+                         timeout=300).stdout
+    assert "…" not in out and long_detail in out
+    assert "migration-refcheck-before-unmap, migration-no-refcheck" in out
+    out = subprocess.run([*PTLAB, "compare", str(tmp_path)], capture_output=True, text=True,
+                         env=_env(), timeout=300).stdout
+    assert "…" not in out and "migration-entry" in out
+    assert any(len(line) > 80 for line in out.splitlines())  # wider than the 80 columns
+
+
+def test_cli_export_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    f = make_run(tmp_path / "run.arrow", "ptl-hold", seed=2)
+    assert run_cli(monkeypatch, "export", "--parquet", f) == 0
+    assert (tmp_path / "run.parquet").exists()
+    assert run_cli(monkeypatch, "export", f) == 2
+    _one_error_line(capsys, "--parquet")
+    assert run_cli(monkeypatch, "export", "--parquet", f, "--out", f) == 2
+    _one_error_line(capsys, "is a file")
+    assert run_cli(monkeypatch, "show", tmp_path / "run.parquet", "-f", "json") == 0
+    assert json.loads(capsys.readouterr().out)["checksum"] == "ok"

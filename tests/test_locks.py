@@ -92,7 +92,7 @@ def _reader_stream(m, cpu, aux, hold_s, limit_s):
 
 @pytest.mark.timeout(60)
 def test_rwsem_writer_is_not_starved_by_a_stream_of_readers():
-    limit_s = 4.0
+    limit_s = 1e9  # the readers stop only when told, after the writer got in
     with Lab(nr_cpus=4, limit_s=30) as lab:
         for i in range(3):  # three overlapping readers: the reader count never drops to zero
             lab.start(_reader_stream, 1 + i, 0.003, limit_s)
@@ -100,17 +100,13 @@ def test_rwsem_writer_is_not_starved_by_a_stream_of_readers():
         lab.wait(lambda: lab.aux.load64(flag(MAX_READERS)) >= 2, "overlapping readers")
         time.sleep(0.05)
         me = lab.cpu(0)
-        t0 = time.monotonic()
+        # a starved writer would wait until the Lab's watchdog stops the machine (Stopped)
         lab.m.anon_vma.down_write(me)
-        waited = time.monotonic() - t0
         readers_inside = lab.aux.load64(flag(READERS_IN))
         lab.m.anon_vma.up_write(me)
         lab.aux.store64(flag(STREAM_STOP), 1)
         lab.join()
     assert readers_inside == 0
-    # readers hold 3 ms each; a waiting writer blocks new ones, so it gets in after at most a few
-    # holds.  Without that it would wait for the stream to end (limit_s).
-    assert waited < 1.0, f"writer waited {waited:.2f} s behind a stream of readers"
 
 
 # ---- folio lock --------------------------------------------------------------------------------
@@ -242,7 +238,7 @@ def test_waiter_of_a_killed_owner_gets_a_clear_error_and_shm_is_clean(which, mes
         child.join(10)  # reap it: a zombie still answers kill(pid, 0)
         assert child.exitcode == -signal.SIGKILL
         me = lab.cpu(0)
-        t0 = time.monotonic()
+        # the waiter notices the dead owner (OwnerDied), not the test's STOP watchdog (Stopped)
         with pytest.raises(OwnerDied, match=message):
             if which == "spinlock":
                 lab.m.ptl(0).lock(me)
@@ -250,7 +246,5 @@ def test_waiter_of_a_killed_owner_gets_a_clear_error_and_shm_is_clean(which, mes
                 lab.m.mmap_lock.down_read(me)
             else:
                 lab.m.folio_locks.folio_lock(me, PFN)
-        waited = time.monotonic() - t0
-    assert waited < 1.0, f"the waiter took {waited:.2f} s to notice the dead owner"
     leftovers = [p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefixes)]
     assert leftovers == []

@@ -88,3 +88,17 @@ def test_cli_plot(runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cli_main.main(["plot", str(runs_dir), "--out", str(blocker)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ptlab: error: ") and "\n" not in err
+
+
+def test_timeline_counts_the_sampled_accesses(tmp_path: Path) -> None:
+    """Accesses are recorded one in access_sample: the timeline shows accesses per second
+    scaled back up (8x low without it); faults are recorded in full."""
+    from ptlab.core.plots import figure_timeline
+    from ptlab.core.results import read_runs
+
+    make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, duration_s=2.0, n_faults=1000,
+             meta_extra={"access_sample": 8})
+    fig = figure_timeline(read_runs([tmp_path]))
+    access_ax, fault_ax = fig.axes[0], fig.axes[1]
+    assert sum(access_ax.lines[0].get_ydata()) == pytest.approx(5 * 1000 * 8)
+    assert sum(fault_ax.lines[0].get_ydata()) == pytest.approx(1000)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import pytest
 from ptlab.core import host as hostmod
 from ptlab.core import results
@@ -72,6 +73,7 @@ def make_run(
     ops: tuple[str, ...] = ("access", "fault", "mmap", "collapse"),
     violations: list[dict[str, Any]] | None = None,
     params: dict[str, Any] | None = None,
+    meta_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a synthetic result file (``params`` override the run parameters).  Fault latency
     is lognormal with median 5 µs times ``fault_scale``; a quarter of the faults start during a collapse and wait (spin or sleep
@@ -142,6 +144,7 @@ def make_run(
         ],
         "violations": violations or [],
         "summary": {"events": len(cols["cpu"])},
+        **(meta_extra or {}),
     }
     n = len(cols["cpu"])
     cols["run_id"] = [rid] * n
@@ -364,25 +367,37 @@ def test_merged_hive_directory_round_trip(tmp_path: Path) -> None:
            for k, s in enumerate(("pmd-clear", "ptl-hold")) for i in range(2)]
     written = write_merged(src, tmp_path / "merged")
     assert sorted(p.parent.name for p in written) == ["strategy=pmd-clear", "strategy=ptl-hold"]
-    assert "strategy" not in ipc.open_file(written[0]).schema.names
+    assert all(p.suffix == ".parquet" for p in written)
+    assert "strategy" not in pq.read_schema(written[0]).names
     back = read_runs([tmp_path / "merged"])
     assert sorted((r.run_id, r.strategy, r.table.num_rows) for r in back) == sorted(
         (r.run_id, r.strategy, r.table.num_rows) for r in src)
     by_id = {r.run_id: r for r in src}
     assert all(r.params == by_id[r.run_id].params and r.host == by_id[r.run_id].host for r in back)
-    dataset = ds.dataset(tmp_path / "merged", format="arrow", partitioning="hive")  # noqa: F841
+    dataset = ds.dataset(tmp_path / "merged", format="parquet", partitioning="hive")  # noqa: F841
     n = duckdb.sql("SELECT strategy, count(*) FROM dataset GROUP BY ALL ORDER BY 1").fetchall()
     assert [s for s, _ in n] == ["pmd-clear", "ptl-hold"]
+    # and DuckDB reads the directory itself, no Python objects in between
+    glob = str(tmp_path / "merged" / "*" / "*.parquet")
+    n2 = duckdb.sql(f"SELECT strategy, count(*) FROM read_parquet('{glob}', hive_partitioning = true) "
+                    "GROUP BY ALL ORDER BY 1").fetchall()
+    assert n2 == n
 
 
 def test_pyarrow_dataset_written_directory(tmp_path: Path) -> None:
     """A directory written by pyarrow.dataset.write_dataset (partition column dropped, one
-    metadata block for many runs) still reads, each run with its own id and strategy."""
+    metadata block for many runs) carries no checksum of its own content: refused, saying
+    so.  Sealed again by ptlab's writer (which computes the checksum), it reads, each run with
+    its own id and strategy."""
     src = [read_run(make_run(tmp_path / "src" / f"{s}.arrow", s, seed=i))
            for i, s in enumerate(("pmd-clear", "migration-entry"))]
     merged = concat_events(src).replace_schema_metadata(src[0].table.schema.metadata)
     ds.write_dataset(merged, tmp_path / "out", format="arrow", partitioning=["strategy"],
                      partitioning_flavor="hive")
+    with pytest.raises(ResultFileError, match="no content checksum.*rewritten by another tool"):
+        read_runs([tmp_path / "out"])
+    for f in (tmp_path / "out").rglob("*.arrow"):
+        write_table(ipc.open_file(f).read_all(), f)  # seal: ptlab's writer adds the checksum
     back = {r.run_id: r for r in read_runs([tmp_path / "out"])}
     assert set(back) == {r.run_id for r in src}
     for r in src:
@@ -452,3 +467,263 @@ def test_sweep_layout_with_cell_columns(tmp_path: Path) -> None:
     cmp = compare_paths([tmp_path / "sweep"])
     assert cmp.runs.num_rows == 2
     assert any("each run counted once" in n for n in cmp.notes)
+
+
+# --- file modes, checksums, Parquet -------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_files_are_written_0644(tmp_path: Path, umask_022: None) -> None:
+    """Result files are readable by the other users of a shared machine, like the sweep's
+    (mkstemp's 0600 would hide them); the umask still applies."""
+    f = make_run(tmp_path / "a.arrow")
+    assert f.stat().st_mode & 0o777 == 0o644
+    p = results.export_parquet(f, tmp_path / "a.parquet")
+    assert p.stat().st_mode & 0o777 == 0o644
+    old = os.umask(0o077)
+    try:
+        assert make_run(tmp_path / "b.arrow").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def _flip(data: bytes, i: int) -> bytes:
+    return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+
+
+def _same(a: results.RunResult, b: results.RunResult) -> bool:
+    return a.meta == b.meta and a.table.equals(b.table)
+
+
+@pytest.mark.parametrize("suffix", [".arrow", ".parquet"])
+def test_a_flipped_byte_is_an_error_never_a_changed_number(tmp_path: Path, suffix: str) -> None:
+    """Flip one byte anywhere (500 positions spread over the whole file): reading either
+    raises ResultFileError or gives exactly the original events and metadata (a flip in
+    padding or in unused bytes)."""
+    src = make_run(tmp_path / "src.arrow", "ptl-hold", seed=5, n_faults=300, n_mmap=30)
+    if suffix == ".parquet":
+        src = results.export_parquet(src, tmp_path / "src.parquet")
+    good = read_run(src)
+    data = src.read_bytes()
+    bad = tmp_path / f"bad{suffix}"
+    refused = silent = 0
+    positions = range(0, len(data), max(1, len(data) // 500))
+    for i in positions:
+        bad.write_bytes(_flip(data, i))
+        try:
+            r = read_run(bad)
+        except ResultFileError as e:
+            assert "\n" not in str(e)
+            refused += 1
+            continue
+        assert _same(r, good), f"byte {i} of {len(data)}: a changed file read as valid"
+        silent += 1
+    assert refused > len(positions) // 2, (refused, silent)
+
+
+def _rewrite_without_sealing(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` with its metadata as is (checksum included): a file changed after
+    ptlab wrote it, with nothing else noticing."""
+    with open(path, "wb") as f, ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def test_checksum_catches_a_changed_latency_and_a_changed_metadata_value(tmp_path: Path) -> None:
+    src = make_run(tmp_path / "a.arrow", "ptl-hold", seed=7)
+    raw = ipc.open_file(src).read_all()
+    assert raw.schema.metadata[results.CHECKSUM_KEY].startswith(b"sha256:")
+    # one latency one nanosecond longer, everything else (the stored checksum too) unchanged
+    lat = raw.column("latency_ns").to_numpy().copy()
+    lat[123] += 1
+    changed = raw.set_column(raw.schema.get_field_index("latency_ns"), "latency_ns", pa.array(lat))
+    bad = _rewrite_without_sealing(changed, tmp_path / "lat.arrow")
+    with pytest.raises(ResultFileError, match="checksum mismatch"):
+        read_run(bad)
+    # a metadata value that still parses (the duration, which every rate divides by)
+    meta = raw.schema.metadata[results.METADATA_KEY]
+    assert b'"duration_s": 2.0' in meta
+    edited = raw.replace_schema_metadata({**raw.schema.metadata,
+                                          results.METADATA_KEY: meta.replace(b'"duration_s": 2.0', b'"duration_s": 3.0')})
+    with pytest.raises(ResultFileError, match="checksum mismatch"):
+        read_run(_rewrite_without_sealing(edited, tmp_path / "meta.arrow"))
+    # the checksum itself gone: refused too (a version-2 file always has one)
+    stripped = raw.replace_schema_metadata({results.METADATA_KEY: meta})
+    with pytest.raises(ResultFileError, match="no content checksum"):
+        read_run(_rewrite_without_sealing(stripped, tmp_path / "none.arrow"))
+    with pytest.raises(ResultFileError, match="checksum"):
+        read_meta(bad)  # every reader checks
+
+
+def test_without_the_check_a_changed_latency_reads_silently(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variant that shows the check above is what fires: with verification switched off,
+    the same edited file reads and reports the changed latency as if measured."""
+    src = make_run(tmp_path / "a.arrow", "ptl-hold", seed=7)
+    raw = ipc.open_file(src).read_all()
+    lat = raw.column("latency_ns").to_numpy().copy()
+    lat[123] += 1_000_000
+    changed = raw.set_column(raw.schema.get_field_index("latency_ns"), "latency_ns", pa.array(lat))
+    bad = _rewrite_without_sealing(changed, tmp_path / "lat.arrow")
+    monkeypatch.setattr(results, "verify_checksum", lambda *a, **k: None)
+    r = read_run(bad)
+    assert r.table.column("latency_ns")[123].as_py() == lat[123]
+
+
+def test_checksum_does_not_depend_on_chunks_dictionaries_or_format(tmp_path: Path) -> None:
+    t = read_run(make_run(tmp_path / "a.arrow", seed=3)).table
+    t = t.replace_schema_metadata({results.METADATA_KEY: b'{"x": 1}'})
+    base = results.content_checksum(t)
+    rechunked = pa.Table.from_batches(t.to_batches(max_chunksize=777))
+    assert results.content_checksum(rechunked) == base
+    # the same strings under another dictionary order (as Parquet hands them back)
+    op = t.column("op").cast(pa.string())
+    reordered = pa.DictionaryArray.from_arrays(
+        pa.array([sorted(set(op.to_pylist()), reverse=True).index(v) for v in op.to_pylist()], pa.int32()),
+        pa.array(sorted(set(op.to_pylist()), reverse=True)))
+    t2 = t.set_column(t.schema.get_field_index("op"), "op", reordered)
+    assert results.content_checksum(t2) == base
+    # but one value more or less is another sum
+    assert results.content_checksum(t.slice(1)) != base
+
+
+def test_export_parquet_reads_back_the_same_and_duckdb_scans_it(tmp_path: Path) -> None:
+    import duckdb
+
+    src = make_run(tmp_path / "run.arrow", "ptl-hold", seed=9)
+    p = results.export_parquet(src, tmp_path / "run.parquet")
+    a, b = read_run(src), read_run(p)
+    assert a.table.equals(b.table) and a.meta == b.meta
+    rows = duckdb.sql(f"""SELECT op, "order", count(*) AS n FROM read_parquet('{p}')
+                          GROUP BY ALL ORDER BY n DESC""").fetchall()
+    assert rows[0] == ("access", 0, 10_000) and ("collapse", 9, 50) in rows
+    assert find_result_files([tmp_path]) == [src, p]
+
+
+def test_sample_factor_and_measured_duration(tmp_path: Path) -> None:
+    r = read_run(make_run(tmp_path / "a.arrow", meta_extra={"access_sample": 8,
+                                                            "summary": {"duration_s": 1.5}}))
+    assert r.sample_factor("access") == 8 and r.sample_factor("fault") == 1
+    assert r.duration_s == 1.5  # measured, not the nominal params.duration_s (2.0)
+    assert read_run(make_run(tmp_path / "b.arrow")).sample_factor("access") == 1
+
+
+def test_version_1_files_without_checksum_still_read(tmp_path: Path) -> None:
+    t = read_run(make_run(tmp_path / "a.arrow", seed=2)).table
+    meta = json.loads(t.schema.metadata[b"ptlab"])
+    meta["schema_version"] = 1
+    old = _rewrite_without_sealing(t.replace_schema_metadata({b"ptlab": json.dumps(meta).encode()}),
+                                   tmp_path / "v1.arrow")
+    r = read_run(old)
+    assert r.meta["schema_version"] == SCHEMA_VERSION and r.table.num_rows == t.num_rows
+
+
+# --- results/SCHEMA.md against the code, both ways ----------------------------------------------
+
+
+def _doc_names(heading: str) -> set[str]:
+    """Backticked names in the first column of the table under ``### heading`` of SCHEMA.md."""
+    text = (REPO / "results" / "SCHEMA.md").read_text()
+    m = re.search(rf"^#+ {re.escape(heading)}\n(.*?)(?=^#+ |\Z)", text, re.S | re.M)
+    assert m, f"results/SCHEMA.md has no section '{heading}'"
+    names = set()
+    for line in m.group(1).splitlines():
+        cell = re.match(r"\|\s*((?:`[^`]+`(?:,\s*)?)+)\s*\|", line)
+        if cell:
+            names.update(re.findall(r"`([^`]+)`", cell.group(1)))
+    return names
+
+
+def _both_ways(documented: set[str], in_code: set[str], what: str, where: str) -> None:
+    missing, stale = sorted(in_code - documented), sorted(documented - in_code)
+    assert not missing, (f"results/SCHEMA.md does not document these {what} that {where} has: "
+                         f"{missing} -- add a row for each")
+    assert not stale, (f"results/SCHEMA.md documents {what} that {where} does not have: {stale} "
+                       "-- remove them or fix their spelling")
+
+
+def test_schema_doc_lists_every_op_role_result_and_wait() -> None:
+    from ptlab.core import events
+
+    _both_ways(_doc_names("Ops"), set(events.OPS), "ops", "core/events.py OPS")
+    _both_ways(_doc_names("Roles"), set(events.ROLES), "roles", "core/events.py ROLES")
+    _both_ways(_doc_names("Result codes"), set(events.RESULTS), "result codes", "core/events.py RESULTS")
+    _both_ways(_doc_names("Waited on"), set(events.WAITED) - {""}, "waited_on values",
+               "core/events.py WAITED")
+
+
+def test_schema_doc_lists_every_metadata_key_and_parameter() -> None:
+    import dataclasses
+
+    from ptlab.core.config import RunConfig
+
+    _both_ways(_doc_names("Metadata"), set(results.METADATA_KEYS), "metadata keys",
+               "core/results.py METADATA_KEYS")
+    _both_ways(_doc_names("Run parameters"), {f.name for f in dataclasses.fields(RunConfig)},
+               "run parameters", "core/config.py RunConfig")
+    _both_ways({c for c in _doc_names("Event columns")}, set(EVENT_SCHEMA.names), "event columns",
+               "core/results.py EVENT_SCHEMA")
+
+
+def test_schema_doc_check_can_fail() -> None:
+    """The comparison above fires, either way round."""
+    with pytest.raises(AssertionError, match=r"does not document.*'scan'"):
+        _both_ways({"access"}, {"access", "scan"}, "ops", "OPS")
+    with pytest.raises(AssertionError, match=r"does not have.*'bogus'"):
+        _both_ways({"access", "bogus"}, {"access"}, "ops", "OPS")
+
+
+def test_workload_names_agree() -> None:
+    from ptlab.core.config import WORKLOADS
+    from ptlab.workloads.patterns import Workload
+
+    assert set(WORKLOADS) == {w.value for w in Workload}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_real_run_writes_only_documented_metadata(tmp_path: Path, umask_022: None) -> None:
+    """A short real run (two CPU processes): its metadata keys and summary keys are all
+    documented; it stores the measured duration and the absolute start time; its file is
+    0644 and carries a checksum."""
+    import time as _time
+
+    from ptlab.cluster.cell import run_cell
+    from ptlab.core.config import RunConfig
+
+    before = _time.time()
+    f = run_cell(RunConfig(strategy="pmd-clear", order=4, duration_s=0.5, warmup_s=0.1,
+                           cpus={"app": 1, "khugepaged": 1}), tmp_path)
+    r = read_run(f)
+    undocumented = set(r.meta) - set(results.METADATA_KEYS)
+    assert not undocumented, f"a run writes metadata keys that SCHEMA.md does not document: {undocumented}"
+    summary_doc = _doc_names("Summary")
+    assert set(r.meta["summary"]) <= summary_doc, set(r.meta["summary"]) - summary_doc
+    assert 0.3 < r.meta["summary"]["duration_s"] <= 0.5 + 0.5
+    assert r.duration_s == r.meta["summary"]["duration_s"]
+    assert before < r.meta["t0_unix_ns"] / 1e9 < _time.time()
+    assert r.meta["started_at"].endswith("+00:00")
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert ipc.open_file(f).schema.metadata[results.CHECKSUM_KEY].startswith(b"sha256:")
+
+
+def test_readme_reading_results_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "Reading the results" example -- DuckDB on a sweep's Parquet dataset, with
+    "order" quoted -- runs as printed, against files laid out as ptlab writes them."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Reading the results", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    make_run(tmp_path / "results" / "runs" / "ptl-hold-o4.arrow", "ptl-hold", seed=1)
+    runs = [read_run(make_run(tmp_path / "src" / f"{s}.arrow", s, seed=i, params={"order": 4}))
+            for i, s in enumerate(("pmd-clear", "ptl-hold", "migration-entry"))]
+    write_merged(runs, tmp_path / "results" / "sweeps" / "big" / "merged")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "ptl-hold" in out and "migration-entry" in out and "collapse" in out

@@ -4,6 +4,7 @@ actor per simulated CPU on the session's embedded Ray, shared memory in /dev/shm
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ptlab.core.bugs import check_cases
+from ptlab.core.bugs import check_cases, mutant_cases, verdict
 from ptlab.core.config import RunConfig
 from ptlab.core.errors import RunFailed
 from ptlab.core.results import read_run
@@ -32,6 +33,8 @@ def run(tmp_path: Path, **kw) -> tuple[dict, object]:
 @pytest.mark.parametrize("order", [4, 9])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_safe_strategy_collapses_cleanly(tmp_path, strategy, order, flush):
+    if order == 9 and strategy != "pmd-clear":
+        pytest.skip("order 9 is pmd-clear only (RunConfig refuses it for the PTE-level strategies)")
     meta, df = run(tmp_path, strategy=strategy, order=order, flush=flush, duration_s=2.0, cpus={"app": 1, "gup-fast": 1, "khugepaged": 1})
     ok = int(((df.op == "collapse") & (df.result == "SCAN_SUCCEED")).sum())
     assert ok >= 20, meta["summary"]
@@ -40,14 +43,19 @@ def test_safe_strategy_collapses_cleanly(tmp_path, strategy, order, flush):
     assert (df.op == "dma").sum() > 0
 
 
-BUG_CASES = [c for c in check_cases() if c.bugs and len(c.bugs) == 1 and c.expect_caught]
+# The real-backend set: the bugs whose catch on this 2-core machine is fast and certain in the
+# measured catch rates (`ptlab check --catch-rate 20`, see the README); every bug and mutant is
+# also killed deterministically, with a forced interleaving, in tests/test_mutants.py.
+REAL_RUN_SET = ("ptl-hold-no-flush", "ptl-hold-unlocked-copy", "rfc-v1", "pmd-clear-read-lock", "migration-no-refcheck")
+BUG_CASES = [c for c in check_cases() if len(c.bugs) == 1 and c.bugs[0] in REAL_RUN_SET and c.expect_caught]
 
 
 @pytest.mark.parametrize("case", BUG_CASES, ids=lambda c: c.label)
-def test_injected_bug_is_caught(tmp_path, case):
-    meta, _ = run(tmp_path, duration_s=6.0, **case.params())
+def test_injected_bug_is_caught_with_its_kind(tmp_path, case):
+    meta, _ = run(tmp_path, duration_s=4.0, **case.params())
+    ok, observed = verdict(case, meta["summary"]["violation_kinds"])
+    assert ok, f"{case.label}: {observed}; expected one of {case.expect}"
     v = meta["violations"]
-    assert v, f"{case.label} was not caught: {meta['summary']}"
     assert all(x["kind"] and x["phase"] for x in v)
     assert {x["strategy"] for x in v} == {case.strategy}
 
@@ -70,12 +78,9 @@ def test_known_answers_gup_fast_pmd_recheck_and_sync_ipi(tmp_path, case):
     """70cbc3cc78a9 / 2ba99c5e0881: both missing is caught only on a broadcast-flush machine;
     either one alone keeps GUP-fast safe in both flush modes."""
     meta, df = run(tmp_path, duration_s=6.0, **case.params())
-    assert int((df.op == "collapse").sum()) >= 20
-    if case.expect_caught:
-        kinds = {x["kind"] for x in meta["violations"]}
-        assert "lost_dma_write" in kinds, meta["summary"]
-    else:
-        assert meta["violations"] == [], meta["violations"][:3]
+    assert int((df.op == "collapse").sum()) >= 5
+    ok, observed = verdict(case, meta["summary"]["violation_kinds"])
+    assert ok, f"{case.label} ({case.flush}): {observed}; expected {case.expect or 'clean'}"
 
 
 def test_injecting_a_bug_needs_unsafe():
@@ -87,9 +92,13 @@ def test_injecting_a_bug_needs_unsafe():
 
 @pytest.fixture(scope="module")
 def signatures(tmp_path_factory):
-    """One run per strategy with an app CPU and khugepaged (2 busy CPUs on 2 cores)."""
+    """One run per strategy with an app CPU and khugepaged, on the virtual-time backend: who
+    spins and who sleeps is then a deterministic fact of the model, not of the host's load."""
     out = tmp_path_factory.mktemp("sig")
-    return {s: run(out, strategy=s, order=9, duration_s=3.0, cpus={"app": 1, "khugepaged": 1}) for s in STRATEGIES}
+    return {s: run(out, strategy=s, order=4, cpus={"app": 1, "khugepaged": 1}, **VIRTUAL) for s in STRATEGIES}
+
+
+VIRTUAL = {"backend": "virtual", "duration_s": 0.05, "warmup_s": 0.0, "think_ns": 500, "quiesce_s": 0}
 
 
 def _waiting_faults(df):
@@ -132,7 +141,7 @@ def test_signature_pmd_clear_faults_sleep_on_mmap_lock(signatures):
 
 
 def test_signature_pmd_clear_mmap_waits_for_the_collapse(tmp_path):
-    meta, df = run(tmp_path, strategy="pmd-clear", order=9, duration_s=3.0, cpus={"mmap": 1, "zap": 1, "khugepaged": 1})
+    meta, df = run(tmp_path, strategy="pmd-clear", order=4, cpus={"mmap": 1, "zap": 1, "khugepaged": 1}, **VIRTUAL)
     mm = df[(df.op == "mmap") & df.during_collapse]
     waited = mm[(mm.waited_on == "mmap_lock") & (mm.sleep_ns > 0)]
     assert len(waited) > 0
@@ -142,47 +151,72 @@ def test_signature_pmd_clear_mmap_waits_for_the_collapse(tmp_path):
 
 
 def test_watchdog_turns_a_leaked_ptl_into_a_failed_run(tmp_path):
-    t0 = time.monotonic()
-    meta, _ = run(tmp_path, strategy="ptl-hold", order=4, duration_s=30.0, watchdog_s=2.0, cpus={"app": 1, "khugepaged": 1}, inject_bugs=("test-ptl-leak",), unsafe=True)
-    assert time.monotonic() - t0 < 25
-    dl = [v for v in meta["violations"] if v["kind"] == "deadlock"]
-    assert dl, meta["violations"]
-    assert "ptl[" in dl[0]["detail"] and "held by CPU 1 (khugepaged)" in dl[0]["detail"]
+    """A stall is a failed run (RunFailed, exit 3) with the lock dump, never a catch; no file."""
+    with pytest.raises(RunFailed, match=r"watchdog: no progress") as e:
+        run(tmp_path, strategy="ptl-hold", order=4, duration_s=30.0, watchdog_s=2.0, cpus={"app": 1, "khugepaged": 1}, inject_bugs=("test-ptl-leak",), unsafe=True)
+    assert "ptl[" in str(e.value) and "held by CPU 1 (khugepaged)" in str(e.value)
+    assert not list(tmp_path.glob("*.arrow"))
 
 
-def _cpu_actor_pids() -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if b"CpuActor" in (p / "cmdline").read_bytes():
-                    pids.append(int(p.name))
-            except OSError:
-                pass
-    return pids
+def test_a_cpu_exception_is_a_failed_run_not_a_catch(tmp_path, capsys):
+    """A CPU that raised (cpu_exception) fails the run: RunFailed naming the CPU and where it
+    raised, no result file, and `ptlab run` exits 3 (not 1, the exit status of a finding)."""
+    from ptlab.cli.main import main
+
+    with pytest.raises(RunFailed, match=r"simulated CPU 1 \(khugepaged\) raised RuntimeError: test-cpu-exception"):
+        run(tmp_path, strategy="ptl-hold", order=4, duration_s=2.0, cpus={"app": 1, "khugepaged": 1}, inject_bugs=("test-cpu-exception",), unsafe=True)
+    assert not list(tmp_path.glob("*.arrow"))
+    rc = main(["run", "-s", "ptl-hold", "--app", "1", "--khugepaged", "1", "-d", "1", "--inject-bug", "test-cpu-exception", "--unsafe", "--no-compare", "--out", str(tmp_path)])
+    assert rc == 3, capsys.readouterr()
+    assert not list(tmp_path.glob("*.arrow"))
+
+
+def test_a_leaked_lock_ends_the_run_as_a_finding(tmp_path):
+    """A collapse that returns holding the PTL is seen at once (lock_leak, checked between two
+    operations) and ends the run with that finding instead of a watchdog stall."""
+    case = next(c for c in mutant_cases(("mutant-ptl-hold-backoff-keeps-ptl",)))
+    meta, _ = run(tmp_path, duration_s=20.0, watchdog_s=10.0, **case.params())
+    assert meta["stopped"] == "violation", "the run went on to its end instead of stopping at the leak"
+    assert verdict(case, meta["summary"]["violation_kinds"])[0], meta["summary"]
 
 
 def test_sigkilled_cpu_fails_the_run_naming_it(tmp_path):
+    """SIGKILL the app CPU of this run -- found in the run's own shared memory, never another
+    test's CpuActor on the host -- once it is running: the run fails (RunFailed, exit 3) in one
+    line naming the CPU, and writes nothing."""
+    import sys
+
     from ptlab.cluster.cell import run_cell
 
-    killed = []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cpu_procs import cpu_states, is_cpu_actor  # noqa: E402
+
+    config = RunConfig(strategy="ptl-hold", order=4, duration_s=30.0, cpus={"app": 1, "khugepaged": 1})
+    run_id = "sigkill-test-5a5a5a"
+    prefix = f"ptlab.{os.getpid()}.5a5a5a"  # the run's machine: this process, the run id's token
+    killed: list[int] = []
+    stop = threading.Event()
 
     def killer():
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not killed:
-            pids = _cpu_actor_pids()
-            if len(pids) >= 2 and any(p.name.startswith("ptlab.") for p in Path("/dev/shm").iterdir()):
-                time.sleep(1.5)
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.1)
+        while not stop.is_set() and not killed:
+            states = cpu_states(prefix, config)
+            if states and all(pid and done > 100 for pid, done in states):  # both CPUs running
+                pid = states[0][0]  # CPU 0, the app CPU
+                if is_cpu_actor(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
 
     th = threading.Thread(target=killer)
     th.start()
     try:
-        with pytest.raises(RunFailed, match=r"simulated CPU \d \((app|khugepaged)\) died"):
-            run_cell(RunConfig(strategy="ptl-hold", order=4, duration_s=8.0, cpus={"app": 1, "khugepaged": 1}), tmp_path)
+        with pytest.raises(RunFailed) as e:
+            run_cell(config, tmp_path, run_id=run_id)
     finally:
+        stop.set()
         th.join()
-    assert killed
+    assert killed, f"the run ended before its CPUs were seen running: {e.value}"
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert re.fullmatch(rf"simulated CPU 0 \(app\) died: its process \(pid {killed[0]}\) was killed by a signal .*", msg), msg
     assert not list(tmp_path.glob("*.arrow"))

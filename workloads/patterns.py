@@ -18,6 +18,9 @@ class Workload(str, Enum):
     RANDOM = "random"
     HOTSET = "hotset"
     ZIPF = "zipf"
+    # app CPUs fault in a loop like `ptlab kernel`'s fault threads: MADV_DONTNEED a random run of
+    # zap_pages pages, then touch each back in (even CPUs in the collapsing VMA, odd in the other)
+    REFAULT = "refault"
 
 
 def make_pattern(name: str, npages: int, rng: random.Random, run_seed: int = 0) -> Callable[[], int]:
@@ -33,7 +36,7 @@ def make_pattern(name: str, npages: int, rng: random.Random, run_seed: int = 0) 
             return pos[0]
 
         return sequential
-    if name == Workload.RANDOM:
+    if name in (Workload.RANDOM, Workload.REFAULT):
         return lambda: rng.randrange(npages)
     if name == Workload.HOTSET:
         hot = max(1, npages // 10)

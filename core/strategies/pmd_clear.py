@@ -21,7 +21,9 @@ including the copy; for mTHP all 512 PTEs of the PMD are hidden, not just the 2^
 Injectable bugs here: ``pmd-clear-read-lock`` (mmap_lock for read and no vma_start_write: a fault
 populates the cleared PMD with a fresh table, which pmd_populate then overwrites — lost writes),
 ``no-sync-ipi`` (skips tlb_remove_table_sync_one(); only unsafe together with GUP-fast missing its
-PMD re-check on a broadcast-flush machine).
+PMD re-check on a broadcast-flush machine), ``pmd-clear-no-anon-vma-lock`` (no anon_vma_lock_write:
+an rmap walk runs while the PMD is cleared — a migration's remove_migration_ptes() cannot find the
+migration entries it installed behind that PMD and leaves them; core/walkers.py flags it).
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ def collapse(c: Collapse) -> str:
         result = c.hugepage_vma_revalidate()
         if result != "SCAN_SUCCEED":
             return result
-        if not read_lock:
+        if not read_lock and "mutant-pmd-clear-no-vma-write" not in c.bugs:
             m.vma_locks[0].vma_start_write(cpu, mm_lock_seq(cpu))  # excludes per-VMA-lock faults
         result = c.check_pmd_still_valid()
         if result != "SCAN_SUCCEED":
             return result
-        m.anon_vma.down_write(cpu)  # excludes rmap walkers (reclaim, migration, compaction)
-        anon_locked = True
+        anon_locked = "pmd-clear-no-anon-vma-lock" not in c.bugs  # the bug: rmap walks run on
+        if anon_locked:
+            m.anon_vma.down_write(cpu)  # excludes rmap walkers (reclaim, migration, compaction)
         try:
             # step 3: pmdp_collapse_flush() under the PMD lock, then the GUP-fast sync IPI
             c.phase("unmap")
@@ -63,7 +66,8 @@ def collapse(c: Collapse) -> str:
             cpu.chaos("collapse_after_pmd_clear")
             c.phase("flush")
             pmd_start = c.i * 512
-            cpu.flush_tlb_range(pmd_start, pmd_start + 512)
+            if "mutant-pmd-clear-no-flush" not in c.bugs:
+                cpu.flush_tlb_range(pmd_start, pmd_start + 512)
             if "no-sync-ipi" not in c.bugs:
                 cpu.tlb_remove_table_sync_one()
             cpu.chaos("collapse_after_flush")
@@ -73,16 +77,17 @@ def collapse(c: Collapse) -> str:
             ptl.lock(cpu)  # pte_offset_map_lock() on the detached table
             try:
                 ptes = c.read_ptes()
-                result = c.isolate(ptes)
+                result = c.isolate(ptes, check_refs="mutant-pmd-clear-no-refcheck" not in c.bugs)
             finally:
                 ptl.unlock(cpu)
             if result != "SCAN_SUCCEED":
                 # re-attach the old table unchanged
                 m.pmd_lock.lock(cpu)  # pmd_populate() under the PMD lock
-                m.set_pmd(c.i, pmd)
+                if "mutant-pmd-clear-no-restore" not in c.bugs:
+                    m.set_pmd(c.i, pmd)
                 m.pmd_lock.unlock(cpu)
                 return result
-            if c.order == 9:
+            if c.order == 9 and anon_locked:
                 # "All pages are isolated and locked so anon_vma rmap can't run anymore."
                 m.anon_vma.up_write(cpu)
                 anon_locked = False
@@ -95,7 +100,7 @@ def collapse(c: Collapse) -> str:
             if c.order == 9:
                 m.folio_add_new_anon_rmap(c.target, 1)
                 m.pmd_lock.lock(cpu)  # set_pmd_at() under the PMD lock
-                m.pt.store64(m.L.deposit(c.i), c.t)  # pgtable_trans_huge_deposit()
+                m.pgtable_trans_huge_deposit(c.i, c.t)  # the old table, kept for a later split
                 m.set_pmd(c.i, pmd_mk_huge(c.target))
                 m.pmd_lock.unlock(cpu)
             else:

@@ -11,9 +11,15 @@ Why the seed's requirements hold:
      that sees pte_none must take the PTL to install anything — it spins until the new PTEs are
      in, then vmf_pte_changed() makes it throw its freshly zeroed folio away.
   c) No ordinary walker can grab the folio: all of them take this PTL.
+Holes need nothing extra: a hole (none or zero-page PTE) is cleared with the rest, and a fault
+on it must take the PTL to fill it — it spins, then finds the new PTE (vmf_pte_changed()).  An
+MADV_DONTNEED of the range needs the PTL too, so every entry maps the new folio at the end.
+
 Cost: every CPU that touches the range (or, with ``--ptl mm``, anything mapped by the mm) spins
-for the whole copy, burning its CPU; mmap_lock is held for read throughout (VMA stability), so a
-queued mmap() writer also holds up later mmap_read_lock callers.
+for the whole copy, burning its CPU.  VMA stability (``--vma-stability``): with ``mmap-lock``
+(as proposed) mmap_lock is held for read throughout, so every mmap() of the mm waits for the
+collapse and a queued mmap() writer also holds up later mmap_read_lock callers; with
+``vma-lock`` only the collapsing VMA's read lock is held (Collapse.vma_stable_lock()).
 
 Injectable bugs here: ``ptl-hold-no-flush`` (clears but never flushes: a CPU keeps writing the
 old folio through its TLB during and after the copy — lost writes), ``ptl-hold-unlocked-copy``
@@ -32,7 +38,9 @@ NAME = "ptl-hold"
 
 def collapse(c: Collapse) -> str:
     cpu, m = c.cpu, c.m  # step 1, allocating c.target outside any lock, ran in collapse_range()
-    m.mmap_lock.down_read(cpu)  # VMA stability; page faults and GUP proceed under it
+    result = c.vma_stable_lock()  # VMA stability; page faults and GUP proceed under it
+    if result != "SCAN_SUCCEED":
+        return result
     try:
         result = c.revalidate()
         if result != "SCAN_SUCCEED":
@@ -55,6 +63,7 @@ def collapse(c: Collapse) -> str:
                 c.phase("unmap")
                 m.set_ptes(c.t, c.first, np.zeros(c.nr, dtype=np.int64))
             else:
+                cpu.chaos("collapse_before_unmap")  # isolated (refs checked), PTEs still present
                 # step 1: clear the PTEs and flush the TLB
                 c.phase("unmap")
                 m.set_ptes(c.t, c.first, np.zeros(c.nr, dtype=np.int64))  # ptep_get_and_clear, batched
@@ -65,8 +74,9 @@ def collapse(c: Collapse) -> str:
                 cpu.chaos("collapse_after_flush")
                 # step 2: unexpected references (GUP pins) -> restore the original PTEs
                 c.phase("refcheck")
-                if c.refs_unexpected():
-                    m.set_ptes(c.t, c.first, ptes)
+                if c.refs_unexpected() and "mutant-ptl-hold-no-refcheck" not in c.bugs:
+                    if "mutant-ptl-hold-no-restore" not in c.bugs:
+                        m.set_ptes(c.t, c.first, ptes)
                     c.release_isolated()
                     return "SCAN_PAGE_COUNT"
                 # step 3: copy, the PTL still held (unless the bug drops it)
@@ -80,13 +90,12 @@ def collapse(c: Collapse) -> str:
                     locked = True
             # step 4: install the new folio's PTEs
             c.phase("install")
-            m.folio_add_new_anon_rmap(c.target, c.nr)
-            m.set_ptes(c.t, c.first, c.new_ptes())
+            c.install_ptes()  # folio_add_new_anon_rmap() + set_ptes() of the whole range
             c.target = -1
         finally:
-            if locked:
-                ptl.unlock(cpu)
+            if locked and not ("mutant-ptl-hold-backoff-keeps-ptl" in c.bugs and c.target >= 0):
+                ptl.unlock(cpu)  # (the mutant keeps it on every back-off: target not installed)
         c.drop_old_mappings(ptes)
         return "SCAN_SUCCEED"
     finally:
-        m.mmap_lock.up_read(cpu)
+        c.vma_stable_unlock()

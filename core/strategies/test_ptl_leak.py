@@ -1,5 +1,7 @@
-"""Test-only: a "strategy" that takes the PTL and never releases it, to prove that the
-watchdog turns a deadlock into a failed run with a dump naming the lock and its holder.
+"""Test-only: a "strategy" that takes the PTL and then takes it again (the recursive locking
+lockdep warns about), so it spins for ever holding it — to prove that the watchdog turns a
+deadlock into a failed run with a dump naming the lock and its holder.  (A path that merely
+returned holding the PTL would be caught at once as a ``lock_leak`` after the collapse.)
 Selected with ``--inject-bug test-ptl-leak --unsafe``; not listed by ``ptlab strategies``."""
 
 from __future__ import annotations
@@ -14,4 +16,5 @@ def collapse(c: Collapse) -> str:
     if result != "SCAN_SUCCEED":
         return result
     c.m.ptl(c.t).lock(c.cpu)  # never unlocked
+    c.m.ptl(c.t).lock(c.cpu)  # spins on itself until the run is stopped
     return "SCAN_SUCCEED"
