@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.ptlab-installed
-SOURCES := pyproject.toml setup.py $(wildcard core/*.c)
+SOURCES := pyproject.toml setup.py $(wildcard core/*/*.c)
 
 .PHONY: run test install lint clean
 
@@ -25,4 +25,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build *.egg-info core/*.so
+	rm -rf build *.egg-info core/*/*.so

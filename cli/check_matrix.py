@@ -1,7 +1,7 @@
 """The engine behind ``ptlab check``: run the correctness cells on the real backend, judge each
 run by what it had to produce, and print the matrix, the mutation score or the catch-rate table.
 
-Verdicts (core/bugs.py ``verdict``): a bug or mutant cell passes only when one of its expected
+Verdicts (core/kernel/bugs.py ``verdict``): a bug or mutant cell passes only when one of its expected
 violation kinds appears ("caught with wrong kind X" otherwise); a run that could not complete —
 a CPU raised, the watchdog saw no progress, a CPU process died — is a failed run, never a catch;
 a clean cell counts only when its positive control (the same settings plus one step deleted)
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptlab.core.bugs import CheckCase, first_catch_s, verdict
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import RunFailed
-from ptlab.core.mutants import MUTANTS, Score
+from ptlab.core.kernel.bugs import CheckCase, first_catch_s, verdict
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import RunFailed
+from ptlab.core.machine.mutants import MUTANTS, Score
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -46,7 +46,7 @@ def run_cells(jobs: Sequence[tuple[CheckCase, int]], duration: float, out: Path 
     progress bar.  ``out``: where the result files go (None: keep only the verdicts)."""
     from ptlab.cluster.cell import run_cell
     from ptlab.cluster.sweep import connect
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
 
     started = connect(address)
     runs: list[CellRun] = []

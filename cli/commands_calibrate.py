@@ -1,12 +1,12 @@
 """`ptlab calibrate`: what each primitive costs from Python beside its C reference.
 
-Measures (ptlab.core.calibrate), prints the table with the project's targets, and writes
+Measures (ptlab.core.analysis.calibrate), prints the table with the project's targets, and writes
 ``DIR/calibration.arrow``.  An unwritable --out raises ConfigError before anything is measured,
 which ptlab.cli.main turns into one line and exit code 2; a failed measurement raises RunFailed
 (exit code 3).
 
-With --kernel it measures the kernel cost table instead (ptlab.core.calibrate.kernel_costs,
-held by ptlab.core.costs): what each kernel step costs the host kernel, for the virtual clock,
+With --kernel it measures the kernel cost table instead (ptlab.core.probe.kernel_costs.kernel_costs,
+held by ptlab.core.analysis.costs): what each kernel step costs the host kernel, for the virtual clock,
 printed with the source of every entry and written as JSON to --out FILE (default
 results/costs/<hostname>.json).
 """
@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from ptlab.cli.output import console as _console
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError
 
 _HELP = """\
 Measure each primitive of the simulated machine from Python beside a C reference loop of the same extension, in the same run: atomic load/store/CAS/fetch-add, spinlock pair (the lock class and the raw calls) uncontended and contended by two processes, rwsem pairs, futex wake-to-run p50/p99 between two processes, folio lock pair, 4 KiB and 2 MiB frame copies (reference: memcpy), and the TLB-flush round trip to 1 and 2 target CPU processes.
@@ -39,8 +39,8 @@ Examples:
 
 
 def _fmt(v: Any) -> str:
-    """ns in the one number format (ptlab.core.compare.fmt_num), µs from 10 µs up; — for none."""
-    from ptlab.core.compare import fmt_num
+    """ns in the one number format (ptlab.core.analysis.compare.fmt_num), µs from 10 µs up; — for none."""
+    from ptlab.core.analysis.compare import fmt_num
 
     if v is None:
         return "—"
@@ -52,7 +52,7 @@ def _fmt(v: Any) -> str:
 def render(rows: Sequence[Mapping[str, Any]]) -> Any:
     """The calibration rows as a rich Table, with a target column where the project sets one.
     Times are per operation for unit ns/op (one batch's mean) and per event for unit ns."""
-    from ptlab.core.calibrate import check_targets
+    from ptlab.core.analysis.calibrate import check_targets
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -105,8 +105,8 @@ def render_costs(table: Any) -> Any:
 
 
 def _kernel_costs(out: Path | None, quick: bool, kernel_result: Path | None, repeat: int) -> None:
-    from ptlab.core import calibrate as cal
-    from ptlab.core import costs
+    from ptlab.core.analysis import costs
+    from ptlab.core.probe import kernel_costs as cal
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if repeat < 1:
@@ -135,7 +135,7 @@ def calibrate(
     kernel_result: Annotated[Path | None, typer.Option("--kernel-result", help="With --kernel: a `ptlab kernel` result file whose median fault and collapse anchor fault_entry and the collapse entries.")] = None,
     repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="With --kernel: measure N times and keep each measurement's least disturbed pass (on a shared host interference only adds time).")] = 1,
 ) -> None:
-    from ptlab.core import calibrate as cal
+    from ptlab.core.analysis import calibrate as cal
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if kernel:

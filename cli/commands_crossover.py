@@ -1,6 +1,6 @@
 """``ptlab crossover``: the map that answers the seed thread -- when does sleeping beat spinning?
 
-Runs a preset grid (core/crossover.py) on the virtual-time backend, one Ray task per cell (a
+Runs a preset grid (core/analysis/crossover.py) on the virtual-time backend, one Ray task per cell (a
 virtual cell is one process: every simulated CPU is a greenlet of it, so a 64-CPU cell needs
 one core, not 66), on the embedded Ray or a cluster (``--address``); each task runs the cell,
 reads its result file back and returns only the cell's metrics, so gigabytes of events never
@@ -15,7 +15,10 @@ real-backend points that the host's cores allow run after it.  Writes, under ``-
 and the figures ``crossover.png`` (the heat maps) and ``crossover-real.png`` (virtual vs
 real) under ``--figures``.  ``--from DIR`` redraws everything from a finished DIR (with
 ``--real``, after running the real-backend points again).  Cells that ran with different cost
-tables or model sources (the tree changed during the sweep) are reported, exit 3.
+tables or model sources (the tree changed during the sweep) are reported, exit 3.  A sweep with
+failed cells writes ``metrics-partial.csv`` (``real-partial.csv``) instead, so a complete table
+is never replaced by a partial one; when the first cells all fail (a broken tree or install)
+it stops at once.
 
 Exit status: 0 done and clean, 1 a cell's oracle found a violation, 2 bad input, 3 a cell
 could not complete (the others are still written).
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError, RunFailed
 
 _LIST = "Several values: repeat the option or separate them with commas."
 
@@ -64,7 +67,7 @@ def crossover(
     """
     from ptlab.cli.output import EXIT_FAILED, EXIT_VIOLATION
     from ptlab.cluster.grid import parse_ints, split_list
-    from ptlab.core import crossover as X
+    from ptlab.core.analysis import crossover as X
 
     if real_duration <= 0 or real_duration > 600:
         raise ConfigError(f"--real-duration must be 0 < SECONDS <= 600 (got {real_duration})")
@@ -123,13 +126,14 @@ def crossover(
                 rows, fails = _run_virtual(configs, jobs, keep_events, progress)
                 rows = X.add_baseline(rows)
                 failures += [f"{f} ({ray_log.where()})" for f in fails]
-                X.write_metrics(rows, out / "metrics.csv")
+                # a sweep with failed cells never replaces a complete table
+                X.write_metrics(rows, out / ("metrics-partial.csv" if fails else "metrics.csv"))
                 wall = time.time() - t0
             if real_configs:
                 real_rows, fails = _run_real(real_configs, progress)
                 real_rows = X.add_baseline(real_rows)
                 failures += fails
-                X.write_metrics(real_rows, out / "real.csv")
+                X.write_metrics(real_rows, out / ("real-partial.csv" if fails else "real.csv"))
         finally:
             if started:
                 import ray
@@ -162,8 +166,8 @@ def _report(rows: list[dict[str, Any]], real_rows: list[dict[str, Any]], out: Pa
             manifest: dict[str, Any] | None) -> None:
     """Write map.txt, crossover.json (when a manifest is given) and the figures; print the map
     and the speed table."""
-    from ptlab.core import crossover as X
-    from ptlab.core.results import atomic_write_bytes
+    from ptlab.core.analysis import crossover as X
+    from ptlab.core.analysis.results import atomic_write_bytes
 
     if not rows:
         raise ConfigError("no virtual cells to draw a map from")
@@ -197,9 +201,9 @@ def _report(rows: list[dict[str, Any]], real_rows: list[dict[str, Any]], out: Pa
 
 
 def _costs_used() -> dict[str, Any]:
-    from ptlab.core.costs import load_costs
-    from ptlab.core.crossover import digest
-    from ptlab.core.vtime import costs_from, fit
+    from ptlab.core.analysis.costs import load_costs
+    from ptlab.core.analysis.crossover import digest
+    from ptlab.core.backends.virtual import costs_from, fit
 
     table = load_costs(None)
     flat, fitted = fit(table)
@@ -209,7 +213,7 @@ def _costs_used() -> dict[str, Any]:
 
 def _host() -> dict[str, Any]:
     try:
-        from ptlab.core.host import fingerprint
+        from ptlab.core.analysis.host import fingerprint
 
         return dict(fingerprint())
     except Exception:  # a fingerprint is context, never a reason to lose a finished sweep
@@ -221,8 +225,8 @@ def _virtual_cell(params: dict[str, Any], keep: bool) -> tuple[dict[str, Any], b
     """Body of one Ray task: run one virtual cell into a private temp dir, read the result
     file back and return its metrics (and the file's bytes when asked)."""
     from ptlab.cluster.cell import run_cell
-    from ptlab.core.config import RunConfig
-    from ptlab.core.crossover import metrics_from_file, source_fingerprint
+    from ptlab.core.analysis.crossover import metrics_from_file, source_fingerprint
+    from ptlab.core.machine.config import RunConfig
 
     config = RunConfig.from_dict(params)
     with tempfile.TemporaryDirectory(prefix="ptlab-crossover-") as tmp:
@@ -231,6 +235,9 @@ def _virtual_cell(params: dict[str, Any], keep: bool) -> tuple[dict[str, Any], b
         metrics["model_sha"] = source_fingerprint()
         data = path.read_bytes() if keep else None
     return metrics, data
+
+
+FAIL_FAST = 4  # this many failed cells and none done: the sweep stops (a broken install or tree)
 
 
 def _run_virtual(configs: list[Any], jobs: int, keep: Path | None, show: bool) -> tuple[list[dict[str, Any]], list[str]]:
@@ -246,6 +253,7 @@ def _run_virtual(configs: list[Any], jobs: int, keep: Path | None, show: bool) -
     rows: list[dict[str, Any]] = []
     fails: list[str] = []
     flying: dict[Any, Any] = {}
+    first_error = ""
     try:
         with _progress(show) as bars:
             bar = bars.add_task("crossover cells", total=len(queue), status=f"0/{len(queue)}")
@@ -260,18 +268,23 @@ def _run_virtual(configs: list[Any], jobs: int, keep: Path | None, show: bool) -
                         metrics, data = ray.get(ref)
                     except Exception as e:  # RunFailed inside the task, a dead worker
                         first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                        first_error = first_error or first
                         what = f"{c.strategy}/{c.vma_stability} order {c.order}" if c.cpus.get("khugepaged") else "baseline"
                         fails.append(f"cell {what} app {c.cpus['app']} ptl {c.ptl} seed {c.seed} failed: {first[:300]}")
                         continue
                     rows.append(metrics)
                     if keep is not None and data is not None:
-                        from ptlab.core.results import atomic_write_bytes
+                        from ptlab.core.analysis.results import atomic_write_bytes
 
                         what = f"{c.strategy}-{c.vma_stability}-o{c.order}" if c.cpus.get("khugepaged") else "baseline"
                         name = f"{what}-{c.ptl}-a{c.cpus['app']}-s{c.seed}.arrow"
                         atomic_write_bytes(keep / name, data)
                 n = len(rows) + len(fails)
                 bars.update(bar, completed=n, status=f"{n}/{n + len(queue) + len(flying)}")
+                if len(fails) >= FAIL_FAST and not rows:  # the same error in every cell: stop
+                    for ref in flying:
+                        ray.cancel(ref, force=True)
+                    raise RunFailed(f"the first {len(fails)} cells failed, the last with: {first_error[:300]}")
     except KeyboardInterrupt:
         for ref in flying:
             ray.cancel(ref, force=True)
@@ -283,11 +296,14 @@ def _run_real(configs: list[Any], show: bool) -> tuple[list[dict[str, Any]], lis
     """The process-backend points, one after another on this node (each needs all its CPUs
     at once; 3 simulated CPUs on 2 cores are oversubscribed ×1.5, which the files record)."""
     from ptlab.cli.commands_run import run_configs
-    from ptlab.core.crossover import metrics_from_file, source_fingerprint
+    from ptlab.core.analysis.crossover import metrics_from_file, source_fingerprint
 
     with tempfile.TemporaryDirectory(prefix="ptlab-crossover-real-") as tmp:
         labels = [f"real {c.strategy} order {c.order}" for c in configs]
-        done = run_configs(configs, Path(tmp), None, labels, progress=show)
+        try:
+            done = run_configs(configs, Path(tmp), None, labels, progress=show)
+        except (ImportError, OSError) as e:  # a broken install or tree: one line, the table stays
+            return [], [f"the real-backend points could not run: {type(e).__name__}: {e}"]
         rows = [{**metrics_from_file(path), "model_sha": source_fingerprint()} for _, path, err in done if path is not None]
         fails = [f"real {c.strategy} order {c.order}: {err}" for c, path, err in done if path is None]
     return rows, fails

@@ -1,5 +1,5 @@
 """``ptlab explore``: search the interleavings of one configuration on the scheduled backend
-(core/sched.py, core/explore.py), stop at the first violation, print the command that replays
+(core/backends/scheduled.py, cluster/explore.py), stop at the first violation, print the command that replays
 it and the shrunk counterexample as a per-CPU story; ``--replay FILE`` / ``--replay-seed S``
 re-run one schedule with full tracing and write its events as Arrow (plus a ``step`` column);
 ``--bench`` measures scheduling steps per second.
@@ -17,8 +17,15 @@ from typing import Annotated, Any
 
 import typer
 from ptlab.cli.output import EXIT_FAILED, EXIT_VIOLATION, console
-from ptlab.core.config import FlushMode, HolesMode, PtlMode, RunConfig, Strategy, VmaStability
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.config import (
+    FlushMode,
+    HolesMode,
+    PtlMode,
+    RunConfig,
+    Strategy,
+    VmaStability,
+)
+from ptlab.core.machine.errors import ConfigError
 from ptlab.workloads.patterns import Workload
 
 DEFAULT_SCHEDULES = 1500  # about a minute on this 2-core machine with 2 workers (measured: 1000 in 40 s)
@@ -87,7 +94,7 @@ def explore_cmd(
 
     Exit status: 0 clean, 1 a violation, 2 bad input, 3 a schedule that could not complete.
     """
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
 
     flags = {"app": app_cpus, "gup-fast": gup_fast, "gup-slow": gup_slow, "mmap": mmap, "zap": zap,
              "rmap-walk": rmap_walk, "pt-walk": pt_walk, "vma-change": vma_change, "khugepaged": khugepaged}
@@ -135,7 +142,7 @@ def explore_cmd(
         raise ConfigError(f"--empty must be in [0, 1) (got {empty})")
     if bench_seconds <= 0:
         raise ConfigError(f"--bench-seconds must be positive (got {bench_seconds})")
-    from ptlab.core.bugs import expected_kinds
+    from ptlab.core.kernel.bugs import expected_kinds
 
     plan = ex.Plan(config, scheduler, op_caps, pct_k or 20_000, max_steps, empty, ex.EXPLORE_TAIL, expected_kinds(bugs) if bugs else ())
     if scheduler.startswith("pct") and not pct_k:
@@ -167,7 +174,7 @@ def _round_k(steps: int) -> int:
 # ------------------------------------------------------------------------------------ explore
 def _explore(plan: Any, schedules: int, base: int, workers: int, batch: int, address: str | None, out: Path,
              no_shrink: bool, shrink_budget: int) -> None:
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     con, err = console(), console(stderr=True)
@@ -217,8 +224,8 @@ def _explore(plan: Any, schedules: int, base: int, workers: int, batch: int, add
 
 
 def _coverage(con: Any, plan: Any, res: Any, schedules: int) -> None:
-    from ptlab.core import explore as ex
-    from ptlab.core.khugepaged import PHASES
+    from ptlab.cluster import explore as ex
+    from ptlab.core.kernel.khugepaged import PHASES
 
     pairs = res.cover
     during = {(p, s) for p, s in pairs if p != "none"}
@@ -246,7 +253,7 @@ def _coverage(con: Any, plan: Any, res: Any, schedules: int) -> None:
 
 # ------------------------------------------------------------------------------------ replay
 def _replay(plan: Any, seed: int, rf: Any, out: Path, source: str) -> None:
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
 
     con, err = console(), console(stderr=True)
     r = rf.run(trace=True) if rf is not None else plan.run(seed, trace=True)
@@ -269,7 +276,7 @@ def _replay(plan: Any, seed: int, rf: Any, out: Path, source: str) -> None:
 def _catalog(names: tuple[str, ...], base_seeds: int, budget: int, workers: int, address: str | None) -> None:
     import statistics
 
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
     from rich.table import Table
 
     con, err = console(), console(stderr=True)
@@ -307,7 +314,7 @@ def _catalog(names: tuple[str, ...], base_seeds: int, budget: int, workers: int,
 
 # ------------------------------------------------------------------------------------ bench
 def _bench(plan: Any, seconds: float, seed: int, profile: bool) -> None:
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
 
     con, err = console(), console(stderr=True)
     with err.status(f"measuring for {seconds:g} s"):
@@ -338,7 +345,7 @@ def _stem(plan: Any, seed: int) -> str:
 
 def _seed_command(plan: Any, seed: int) -> str:
     """The ``ptlab explore ... --replay-seed S`` line that re-runs schedule ``seed`` of ``plan``."""
-    from ptlab.core import explore as ex
+    from ptlab.cluster import explore as ex
 
     c = plan.config
     argv = ["ptlab", "explore", "-s", c.strategy, "--order", str(c.order)]

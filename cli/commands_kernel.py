@@ -1,6 +1,6 @@
 """`ptlab kernel` and `ptlab fidelity`: the live kernel's pmd-clear beside the simulation's.
 
-`kernel` runs the probe of ptlab.core.kernel_probe (C threads: MADV_COLLAPSE under faults,
+`kernel` runs the probe of ptlab.core.probe.kernel_probe (C threads: MADV_COLLAPSE under faults,
 mmap() and GUP pins; a baseline phase with the collapser idle, then the loaded phase) and
 writes one result file per phase.  `fidelity` sets a kernel run beside a simulated pmd-clear
 run.  Hosts that cannot collapse and bad input raise ConfigError, which ptlab.cli.main turns
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from ptlab.cli.output import console as _console
-from ptlab.core.compare import ALPHA, fmt_num, fmt_us
-from ptlab.core.errors import ConfigError
+from ptlab.core.analysis.compare import ALPHA, fmt_num, fmt_us
+from ptlab.core.machine.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ptlab.core.kernel_probe import FidelityReport, KernelRun
+    from ptlab.core.probe.kernel_probe import FidelityReport, KernelRun
 
 
 class FidelityFormat(str, Enum):
@@ -61,7 +61,7 @@ def kernel(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the threads' page choices.")] = 0,
     pin_dir: Annotated[Path | None, typer.Option("--pin-dir", help="Directory for the O_DIRECT file (default: the temp directory).")] = None,
 ) -> None:
-    from ptlab.core import kernel_probe as kp
+    from ptlab.core.probe import kernel_probe as kp
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     config = kp.ProbeConfig(duration_s=duration, ranges=ranges, pin=pin, gap_us=gap_us,
@@ -216,14 +216,23 @@ def _headline(report: FidelityReport) -> str:
 
 def fidelity(
     files: Annotated[list[Path], typer.Argument(metavar="KERNEL_FILE(S) SIM_FILE",
-                                                help="The kernel run's -loaded.arrow (and optionally -baseline.arrow) and one pmd-clear simulated run.",
+                                                help="The kernel run's -loaded.arrow (and optionally -baseline.arrow) and one pmd-clear simulated run, or two (one per backend: process and virtual, shown side by side).",
                                                 show_default=False)],
     fmt: Annotated[FidelityFormat, typer.Option("--format", help="Terminal table or Markdown.")] = FidelityFormat.TABLE,
 ) -> None:
-    from ptlab.core.kernel_probe import fidelity as build
+    from ptlab.core.probe.kernel_probe import fidelity as build
 
     if len(files) < 2:
         raise ConfigError("fidelity needs a kernel result file and a simulated result file")
+    from ptlab.core.analysis.results import read_meta
+
+    kinds = {f: read_meta(f).get("kind") for f in files}
+    kernel_files = [f for f in files if kinds[f] == "kernel"]
+    sims = [f for f in files if kinds[f] != "kernel"]
+    clocks = {f: read_meta(f).get("clock", "real") for f in sims}
+    if len(sims) == 2 and len(set(clocks.values())) == 2:
+        _fidelity_side_by_side([build([*kernel_files, f]) for f in sims], [clocks[f] for f in sims], fmt)
+        return
     report = build(files)
     if fmt is FidelityFormat.MD:
         typer.echo(fidelity_markdown(report), nl=False)
@@ -243,6 +252,41 @@ def fidelity(
     console.print(_FOOTER)
     for n in report.notes:
         console.print(f"[yellow]note:[/] {n}")
+
+
+def _fidelity_side_by_side(reports: list[FidelityReport], labels: list[str], fmt: FidelityFormat) -> None:
+    """The kernel beside a process-backend run and a virtual-time run of the same load."""
+    k = reports[0]
+    cols = ["metric", "kernel idle", "kernel", "kernel ÷ collapse"]
+    for label in labels:
+        cols += [label, f"{label} ÷ collapse", f"{label}/kernel", f"{label} relation"]
+    per = [fidelity_cells(r) for r in reports]
+    rows = []
+    for i, base in enumerate(per[0]):
+        row = base[:4]
+        for cells in per:
+            row += cells[i][4:8]
+        rows.append(row)
+    heads = [f"{label}: {r.sim_file}; " + _headline(r) for label, r in zip(labels, reports)]
+    if fmt is FidelityFormat.MD:
+        lines = [f"kernel: `{k.kernel_file}`", *[f"- {h}" for h in heads], "",
+                 "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        typer.echo("\n".join([*lines, "", _FOOTER]))
+        return
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"kernel: {k.kernel_file}")
+    for h in heads:
+        console.print(h)
+    table = Table()
+    for col in cols:
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=col == "metric")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(_FOOTER)
 
 
 def register(app: typer.Typer) -> None:

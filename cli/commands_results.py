@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from ptlab.cli.output import console
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError
 
 
 class OutputFormat(str, Enum):
@@ -136,7 +136,7 @@ def compare(
                                      "(different CPU model, core count or kernel release)."),
     ] = False,
 ) -> None:
-    from ptlab.core.compare import (
+    from ptlab.core.analysis.compare import (
         compare_paths,
         render_csv,
         render_json,
@@ -172,7 +172,7 @@ def compare(
 
 def _emit(text: str, out: Path | None) -> None:
     """``text`` to stdout, or atomically to ``out`` (with a note on stderr)."""
-    from ptlab.core.results import atomic_write_bytes
+    from ptlab.core.analysis.results import atomic_write_bytes
 
     if out is None:
         sys.stdout.write(text)
@@ -193,7 +193,7 @@ def plot(
         typer.Option("--out", "-o", metavar="DIR", help="Directory for the PNGs (created if missing)."),
     ] = Path("figures"),
 ) -> None:
-    from ptlab.core.plots import plot_paths
+    from ptlab.core.analysis.plots import plot_paths
 
     if not paths:
         raise ConfigError("no result files given; e.g. `ptlab plot results/*.arrow --out figures`")
@@ -213,7 +213,7 @@ def show(
         typer.Option("--format", "-f", help="table, md, json or csv (see above)."),
     ] = ShowFormat.TABLE,
 ) -> None:
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
 
     if path is None:
         raise ConfigError("no result file given; e.g. `ptlab show results/pmd-clear-o9.arrow`")
@@ -243,7 +243,7 @@ def export(
         typer.Option("--out", "-o", metavar="DIR", help="Directory for the exported files (default: beside each file)."),
     ] = None,
 ) -> None:
-    from ptlab.core.results import export_parquet, find_result_files
+    from ptlab.core.analysis.results import export_parquet, find_result_files
 
     if not paths:
         raise ConfigError("no result file given; e.g. `ptlab export --parquet results/runs/run.arrow`")
@@ -280,8 +280,8 @@ def show_sections(run: Any) -> list[Section]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    from ptlab.core.compare import OP_ORDER, ROLE_ORDER, latency_quantiles_us
-    from ptlab.core.results import split_runs
+    from ptlab.core.analysis.compare import OP_ORDER, ROLE_ORDER, latency_quantiles_us
+    from ptlab.core.analysis.results import split_runs
 
     meta = run.meta
     out: list[Section] = []
@@ -452,7 +452,7 @@ def _rank(v: str, order: tuple[str, ...]) -> int:
 
 
 def _num(v: Any) -> str:
-    from ptlab.core.compare import fmt_num
+    from ptlab.core.analysis.compare import fmt_num
 
     if isinstance(v, bool):
         return str(v)

@@ -13,9 +13,17 @@ from typing import Annotated, Any
 import typer
 from ptlab.cli.output import EXIT_FAILED, EXIT_VIOLATION, ray_output_to_log
 from ptlab.cli.output import console as _console
-from ptlab.core.bugs import BUG_TEXT, STRATEGY_TEXT, check_cases, expected_kinds
-from ptlab.core.config import BUGS, FlushMode, HolesMode, PtlMode, RunConfig, Strategy, VmaStability
-from ptlab.core.errors import ConfigError, RunFailed
+from ptlab.core.kernel.bugs import BUG_TEXT, STRATEGY_TEXT, check_cases, expected_kinds
+from ptlab.core.machine.config import (
+    BUGS,
+    FlushMode,
+    HolesMode,
+    PtlMode,
+    RunConfig,
+    Strategy,
+    VmaStability,
+)
+from ptlab.core.machine.errors import ConfigError, RunFailed
 from ptlab.workloads.mixes import MIXES, default_cpus, get_mix
 from ptlab.workloads.patterns import Workload
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -114,8 +122,8 @@ def run_configs(configs: list[RunConfig], out: Path, address: str | None, labels
 def _summary_line(path: Path) -> tuple[str, int]:
     """One run's result line (rich markup) and its number of violations.  Rates use the
     measured duration (summary.duration_s); accesses are scaled up from the 1-in-N sample."""
-    from ptlab.core.compare import fmt_num
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.compare import fmt_num
+    from ptlab.core.analysis.results import read_run
 
     r = read_run(path)
     s = r.meta["summary"]
@@ -167,7 +175,8 @@ def register(app: typer.Typer) -> None:
         watchdog: Annotated[float, typer.Option(help="Seconds without progress on a CPU before the run fails with a lock dump.")] = 10.0,
         holes: Annotated[HolesMode, typer.Option(help="migration-entry only: mark = hole markers faulters sleep on (the new folio, locked); backoff = holes stay open, a filled hole undoes the collapse (SCAN_PAGE_FILLED). The others keep holes closed with their locks: with -s all it goes to migration-entry only; -s pmd-clear/ptl-hold refuse backoff.")] = HolesMode.MARK,
         vma_stability: Annotated[VmaStability, typer.Option(help="ptl-hold and migration-entry: hold mmap_lock for read across the collapse (mmap-lock, as proposed) or only the collapsing VMA's per-VMA read lock (vma-lock). pmd-clear always takes mmap_lock for write: with -s all it goes to the other two only; -s pmd-clear refuses vma-lock.")] = VmaStability.MMAP_LOCK,
-        backend: Annotated[str, typer.Option(help="process: one real OS process per simulated CPU, wall-clock time (the benchmark); virtual: kernel-cost virtual time in one process, deterministic, any number of CPUs (core/vtime.py).", metavar="[process|virtual]")] = "process",
+        zap_pages: Annotated[int, typer.Option(help="Pages per MADV_DONTNEED of the app, zap and refault CPUs.", metavar="N")] = 8,
+        backend: Annotated[str, typer.Option(help="process: one real OS process per simulated CPU, wall-clock time (the benchmark); virtual: kernel-cost virtual time in one process, deterministic, any number of CPUs (core/backends/virtual.py).", metavar="[process|virtual]")] = "process",
         think_ns: Annotated[int | None, typer.Option(help="App CPUs: ns of their own work between two accesses (default 0; 2000 with --backend virtual).", metavar="NS")] = None,
         collapse_context: Annotated[str, typer.Option(help="khugepaged: the daemon's scan (mmap_read_trylock); madvise: MADV_COLLAPSE's path, as `ptlab kernel` drives it (mmap_lock for read, LRU drain, order 9, pmd-clear).", metavar="[khugepaged|madvise]")] = "khugepaged",
         address: Annotated[str | None, typer.Option(help="Ray cluster address (auto or host:port); default: an embedded Ray on 127.0.0.2.")] = None,
@@ -208,6 +217,7 @@ def register(app: typer.Typer) -> None:
                 holes=holes.value if s == Strategy.MIGRATION_ENTRY.value or strategy != StrategyChoice.ALL else HolesMode.MARK.value,
                 vma_stability=vma_stability.value if s != Strategy.PMD_CLEAR.value or strategy != StrategyChoice.ALL else VmaStability.MMAP_LOCK.value,
                 backend=backend,
+                zap_pages=zap_pages,
                 think_ns=think_ns if think_ns is not None else (2000 if backend == "virtual" else 0),
                 collapse_context=collapse_context,
                 warmup_s=0.0 if backend == "virtual" else 0.3,
@@ -232,7 +242,7 @@ def register(app: typer.Typer) -> None:
             found += n_v
             paths.append(path)
         if len(paths) > 1 and not no_compare and not quiet:
-            from ptlab.core.compare import compare_paths, render_rich
+            from ptlab.core.analysis.compare import compare_paths, render_rich
 
             for r in render_rich(compare_paths(paths, baseline="pmd-clear")):
                 console.print(r)
@@ -262,8 +272,8 @@ def register(app: typer.Typer) -> None:
         raised, a watchdog stall) is a failed run, never a catch.  Exit 0 when every cell is as
         expected, 1 when one is not, 3 when a run failed."""
         from ptlab.cli import check_matrix as cm
-        from ptlab.core.bugs import mutant_cases
-        from ptlab.core.mutants import MUTANTS
+        from ptlab.core.kernel.bugs import mutant_cases
+        from ptlab.core.machine.mutants import MUTANTS
 
         if catch_rate < 0:
             raise ConfigError(f"--catch-rate must be a number of runs >= 1 (got {catch_rate})")
@@ -327,8 +337,8 @@ def register(app: typer.Typer) -> None:
         """The simulation's own step costs in one process, without contention: a TLB-hit
         access, event recording, an anonymous fault, one collapse per strategy and order —
         each against its target.  Set them beside `ptlab calibrate` and the kernel's numbers."""
-        from ptlab.core.bench import run_bench
-        from ptlab.core.compare import fmt_num
+        from ptlab.core.analysis.bench import run_bench
+        from ptlab.core.analysis.compare import fmt_num
 
         with console.status("measuring") as status:
             rows = run_bench(lambda s: status.update(f"measuring {s}"))

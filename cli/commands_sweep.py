@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from ptlab.core.errors import ConfigError, RunFailed
+from ptlab.core.machine.errors import ConfigError, RunFailed
 
 ROLE_FLAGS = ("app", "gup-fast", "gup-slow", "mmap", "zap", "khugepaged")
 

@@ -24,8 +24,8 @@ from ptlab.cli.output import (
     usage_hint,
     version_text,
 )
-from ptlab.core.errors import PtlabError
-from ptlab.core.results import ResultFileError
+from ptlab.core.analysis.results import ResultFileError
+from ptlab.core.machine.errors import PtlabError
 
 app = typer.Typer(
     name="ptlab",

@@ -177,7 +177,7 @@ def version_text() -> str:
     except metadata.PackageNotFoundError:
         v = "unknown"
     try:
-        from ptlab.core.host import git_revision
+        from ptlab.core.analysis.host import git_revision
 
         rev, dirty = git_revision()
     except Exception:

@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ptlab.core._prims import now_ns
-from ptlab.core.config import RunConfig
-from ptlab.core.cpu import CpuContext
-from ptlab.core.errors import RunFailed
-from ptlab.core.events import to_columns
-from ptlab.core.layout import (
+from ptlab.core.analysis.results import write_run
+from ptlab.core.kernel.oracle import check_machine, lock_dump
+from ptlab.core.kernel.roles import (
+    STOP_FAILED,
+    STOP_VIOLATION,
+    STOP_WATCHDOG,
+    assign_roles,
+    run_cpu,
+)
+from ptlab.core.machine._prims import now_ns
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.cpu import CpuContext
+from ptlab.core.machine.errors import RunFailed
+from ptlab.core.machine.events import to_columns
+from ptlab.core.machine.layout import (
     CPU_PID,
     CPU_PROGRESS,
     CPU_STATE,
@@ -36,10 +45,7 @@ from ptlab.core.layout import (
     STOP,
     T0,
 )
-from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
-from ptlab.core.oracle import check_machine, lock_dump
-from ptlab.core.results import write_run
-from ptlab.core.roles import STOP_FAILED, STOP_VIOLATION, STOP_WATCHDOG, assign_roles, run_cpu
+from ptlab.core.machine.mm import VMA_COLLAPSE, VMA_OTHER, Machine
 
 START_TIMEOUT_S = 120.0
 
@@ -182,11 +188,11 @@ def run_virtual_cell(
     progress: Callable[[str, float], None] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path | dict[str, Any]:
-    """One cell on the virtual-time backend (core/vtime.py), in this process: the same result
+    """One cell on the virtual-time backend (core/backends/virtual.py), in this process: the same result
     file, with times in virtual ns, ``clock: virtual`` and the cost table it used in the
     metadata.  Deterministic: the same config gives the same file contents on any host."""
-    from ptlab.core.costs import load_costs
-    from ptlab.core.vtime import fit, run_virtual
+    from ptlab.core.analysis.costs import load_costs
+    from ptlab.core.backends.virtual import fit, run_virtual
 
     run_id = run_id or make_run_id(config)
     say = progress or (lambda msg, frac: None)
@@ -410,7 +416,7 @@ def _relative(violations: list[dict[str, Any]], t0: int) -> list[dict[str, Any]]
 
 def _host(n: int, oversub: float, node_id: str) -> dict[str, Any]:
     try:
-        from ptlab.core.host import fingerprint
+        from ptlab.core.analysis.host import fingerprint
 
         host = dict(fingerprint())
     except ImportError:
@@ -423,7 +429,7 @@ def _host(n: int, oversub: float, node_id: str) -> dict[str, Any]:
 
 def _calibration() -> list[dict[str, Any]]:
     try:
-        from ptlab.core.calibrate import quick_calibration
+        from ptlab.core.analysis.calibrate import quick_calibration
     except ImportError:
         return []
     return quick_calibration()

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import RunFailed
-from ptlab.core.results import write_run
+from ptlab.core.analysis.results import write_run
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import RunFailed
 
 SHM_DIR = Path("/dev/shm")
 

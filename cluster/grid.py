@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from ptlab.core.config import (
+from ptlab.core.machine.config import (
     DEFAULT_CPUS,
     HPAGE_PMD_ORDER,
     PTE_LEVEL_ONLY,
@@ -39,7 +39,7 @@ from ptlab.core.config import (
     RunConfig,
     Strategy,
 )
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError
 
 # RunConfig fields that are axes of the grid; everything else belongs in ``base``.
 AXIS_PARAMS = ("strategy", "order", "cpus", "workload", "flush", "ptl", "vma_locks", "seed")

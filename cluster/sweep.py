@@ -53,9 +53,7 @@ from typing import Any
 import pyarrow as pa
 from ptlab.cluster.grid import Cell, SweepSpec, cpus_label, expand
 from ptlab.cluster.shmclean import sweep_shm
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError, PtlabError
-from ptlab.core.results import (
+from ptlab.core.analysis.results import (
     METADATA_KEY,
     ResultFileError,
     RunResult,
@@ -63,6 +61,8 @@ from ptlab.core.results import (
     read_run,
     write_table,
 )
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError, PtlabError
 
 MANIFEST = "manifest.json"
 CELLS_DIR = "cells"

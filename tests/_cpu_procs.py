@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ptlab.core.config import RunConfig
-from ptlab.core.layout import CPU_PID, CPU_PROGRESS
-from ptlab.core.machine import Machine
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.layout import CPU_PID, CPU_PROGRESS
+from ptlab.core.machine.mm import Machine
 
 SHM = Path("/dev/shm")
 

@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ptlab.core._prims import Region, now_ns
-from ptlab.core.config import RunConfig
-from ptlab.core.cpu import CpuContext, attached_cpu
-from ptlab.core.layout import MM_CPUMASK, STOP
-from ptlab.core.machine import Machine
-from ptlab.core.shm import Namespace
+from ptlab.core.machine._prims import Region, now_ns
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.cpu import CpuContext, attached_cpu
+from ptlab.core.machine.layout import MM_CPUMASK, STOP
+from ptlab.core.machine.mm import Machine
+from ptlab.core.machine.shm import Namespace
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ptlab.core.config import RunConfig
-from ptlab.core.cpu import CpuContext
-from ptlab.core.layout import MAX_CPUS, STOP
-from ptlab.core.machine import VMA_COLLAPSE, VMA_OTHER, Machine
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.cpu import CpuContext
+from ptlab.core.machine.layout import MAX_CPUS, STOP
+from ptlab.core.machine.mm import VMA_COLLAPSE, VMA_OTHER, Machine
 
 
 class Job:

@@ -25,7 +25,7 @@ import ray  # noqa: E402
 from ptlab.cluster.drycell import dry_cell  # noqa: E402
 from ptlab.cluster.grid import SweepSpec  # noqa: E402
 from ptlab.cluster.sweep import run_sweep  # noqa: E402
-from ptlab.core.results import read_run  # noqa: E402
+from ptlab.core.analysis.results import read_run  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 MiB = 2**20

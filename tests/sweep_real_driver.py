@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray  # noqa: E402
 from ptlab.cluster.grid import SweepSpec  # noqa: E402
 from ptlab.cluster.sweep import connect, run_sweep  # noqa: E402
-from ptlab.core.results import read_run, read_runs  # noqa: E402
+from ptlab.core.analysis.results import read_run, read_runs  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from sweep_cluster_driver import MiB, loopback_pair  # noqa: E402
 

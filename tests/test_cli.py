@@ -102,7 +102,7 @@ def test_the_test_only_bug_is_not_offered(capsys):
 def test_strategies_lists_every_bug(capsys):
     assert main(["strategies"]) == 0
     out = capsys.readouterr().out
-    from ptlab.core.bugs import BUG_TEXT
+    from ptlab.core.kernel.bugs import BUG_TEXT
 
     for name in (*BUG_TEXT, "pmd-clear", "ptl-hold", "migration-entry"):
         assert name in out
@@ -256,7 +256,7 @@ def test_results_on_stdout_progress_on_stderr(flags, tmp_path):
 
 
 def _cfg() -> object:
-    from ptlab.core.config import RunConfig
+    from ptlab.core.machine.config import RunConfig
 
     return RunConfig(strategy="pmd-clear", order=4, duration_s=30.0, cpus={"app": 1, "khugepaged": 1})
 

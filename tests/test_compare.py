@@ -21,7 +21,7 @@ import pytest
 import typer
 from ptlab.cli import main as cli_main
 from ptlab.cli.commands_results import register
-from ptlab.core.compare import (
+from ptlab.core.analysis.compare import (
     NOT_SIGNIFICANT,
     SIGNIFICANT,
     Comparison,
@@ -32,9 +32,9 @@ from ptlab.core.compare import (
     render_markdown,
     render_text,
 )
-from ptlab.core.errors import ConfigError
-from ptlab.core.host import IncompatibleHostsError
-from ptlab.core.results import write_run
+from ptlab.core.analysis.host import IncompatibleHostsError
+from ptlab.core.analysis.results import write_run
+from ptlab.core.machine.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_results import TEST_HOST, make_run  # noqa: E402
@@ -264,7 +264,7 @@ def test_markdown_and_text(three_x: Path) -> None:
 
 
 def test_arrow_output(three_x: Path, tmp_path: Path) -> None:
-    from ptlab.core.compare import write_comparison_arrow
+    from ptlab.core.analysis.compare import write_comparison_arrow
 
     cmp = compare_paths([three_x])
     path = write_comparison_arrow(cmp, tmp_path / "cmp.arrow")
@@ -363,7 +363,7 @@ def test_cli_unknown_choice_is_a_usage_error(three_x: Path, monkeypatch: pytest.
 
 def test_cli_compare_newer_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from ptlab.core.results import SCHEMA_VERSION, read_run, write_table
+    from ptlab.core.analysis.results import SCHEMA_VERSION, read_run, write_table
 
     t = read_run(make_run(tmp_path / "src" / "a.arrow")).table
     meta = json.loads(t.schema.metadata[b"ptlab"])
@@ -442,7 +442,7 @@ def test_rates_use_the_measured_duration(tmp_path: Path) -> None:
     (float("nan"), "—"), (float("inf"), "inf"),
 ])
 def test_one_number_format(value: float | None, text: str) -> None:
-    from ptlab.core.compare import fmt_num
+    from ptlab.core.analysis.compare import fmt_num
 
     assert fmt_num(value) == text
 
@@ -458,7 +458,7 @@ def test_tables_use_the_number_format(three_x: Path) -> None:
 
 
 def test_mail_text_is_ascii_at_most_72_columns_side_by_side(three_x: Path) -> None:
-    from ptlab.core.compare import render_mail_text
+    from ptlab.core.analysis.compare import render_mail_text
 
     text = render_mail_text(compare_paths([three_x]))
     lines = text.splitlines()
@@ -474,7 +474,7 @@ def test_mail_text_is_ascii_at_most_72_columns_side_by_side(three_x: Path) -> No
 
 
 def test_mail_text_wraps_many_groups_and_long_names(tmp_path: Path) -> None:
-    from ptlab.core.compare import render_mail_text
+    from ptlab.core.analysis.compare import render_mail_text
 
     for i, order in enumerate((2, 3, 4, 5, 6)):
         for s in ("pmd-clear", "migration-entry"):
@@ -486,7 +486,7 @@ def test_mail_text_wraps_many_groups_and_long_names(tmp_path: Path) -> None:
 
 
 def test_json_has_stable_keys(three_x: Path) -> None:
-    from ptlab.core.compare import LATENCY_SCHEMA, RATIOS_SCHEMA, render_json
+    from ptlab.core.analysis.compare import LATENCY_SCHEMA, RATIOS_SCHEMA, render_json
 
     cmp = compare_paths([three_x])
     text = render_json(cmp)
@@ -502,7 +502,7 @@ def test_json_has_stable_keys(three_x: Path) -> None:
 
 
 def test_csv_is_the_long_table(three_x: Path) -> None:
-    from ptlab.core.compare import render_csv
+    from ptlab.core.analysis.compare import render_csv
 
     cmp = compare_paths([three_x])
     rows = list(csv.reader(io.StringIO(render_csv(cmp))))
@@ -515,7 +515,7 @@ def test_csv_is_the_long_table(three_x: Path) -> None:
 
 def test_arrow_output_has_a_format_version_and_dictionary_strings(three_x: Path, tmp_path: Path) -> None:
     import pyarrow as pa
-    from ptlab.core.compare import write_comparison_arrow
+    from ptlab.core.analysis.compare import write_comparison_arrow
 
     t = ipc.open_file(write_comparison_arrow(compare_paths([three_x]), tmp_path / "c.arrow")).read_all()
     meta = json.loads(t.schema.metadata[b"ptlab_compare"])

@@ -17,11 +17,18 @@ from typing import Any
 import numpy as np
 import pytest
 from ptlab.cli.main import main
-from ptlab.core import calibrate as cal
-from ptlab.core import costs
-from ptlab.core.costs import ENTRIES, KINDS, CostTable, CostTableError, load_costs, write_costs
-from ptlab.core.errors import ConfigError
-from ptlab.core.results import write_run
+from ptlab.core.analysis import costs
+from ptlab.core.analysis.costs import (
+    ENTRIES,
+    KINDS,
+    CostTable,
+    CostTableError,
+    load_costs,
+    write_costs,
+)
+from ptlab.core.analysis.results import write_run
+from ptlab.core.machine.errors import ConfigError
+from ptlab.core.probe import kernel_costs as cal
 
 # --------------------------------------------------------------------------------------------
 # the committed default

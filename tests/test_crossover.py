@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 from ptlab.cli.main import main
-from ptlab.core import crossover as X
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError
+from ptlab.core.analysis import crossover as X
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError
 
 HINT = re.compile(r"\(see `ptlab crossover --help`\)$")
 
@@ -154,7 +154,7 @@ def test_added_spin_subtracts_the_baseline_per_second_of_the_cell():
 
 def test_metrics_of_a_real_virtual_run_agree_with_its_result_file(tmp_path):
     from ptlab.cluster.cell import run_cell
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
 
     p = X.preset("quick")
     config = p.base_config("ptl-hold", "mmap-lock", 2, 2, "split", 0, duration_s=0.002)
@@ -292,9 +292,13 @@ def test_map_text_and_table_round_trip(tmp_path):
             else:
                 assert b[k] == pytest.approx(a[k]) if isinstance(a[k], float) else b[k] == a[k], k
     panels = X.all_panels(back)
-    assert [(p.metric, p.ptl, p.stability) for p in panels] == [(m, "split", "mmap-lock") for m in X.MAP_METRICS]
+    assert [(p.metric, p.contenders, p.ptl, p.stability) for p in panels] == [(m, c, "split", "mmap-lock") for m, c in X.MAP_ROWS]
     text = X.map_text(panels)
     assert text.isascii() and "B x1.20" in text and "A d51us" in text
+    # the spin-against-sleep row leaves pmd-clear out: at (order 8, 16 CPUs) C beats B x200
+    bc = panels[1]
+    assert bc.title == "CPU burned, B vs C" and bc.cell(8, 16).winner == "migration-entry"
+    assert bc.cell(8, 16).margin == pytest.approx(200) and "CPU burned, B vs C: PTL split" in text
     with pytest.raises(ConfigError, match="not a crossover metrics table"):
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         X.read_metrics(tmp_path / "bad.csv")
@@ -380,6 +384,25 @@ def test_end_to_end_on_the_embedded_ray(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "fig" / "crossover.png").exists()
     assert "CPU burned: PTL split" in cap.out
     assert not ray.is_initialized()  # the command shut down the Ray it started
+
+
+def test_a_sweep_whose_cells_all_fail_stops_early_and_keeps_the_old_table(capsys, tmp_path, monkeypatch):
+    """A broken tree or install fails every cell the same way: the sweep stops after a few,
+    says why in one line (exit 3), and the complete table already in --out stays."""
+    from ptlab.cli import commands_crossover
+
+    def broken(params, keep):  # defined here, so Ray ships it by value to the workers
+        raise RuntimeError("boom: the model cannot be imported")
+
+    monkeypatch.setattr(commands_crossover, "_virtual_cell", broken)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.csv").write_text("the old, complete table\n")
+    rc = main(["crossover", "--preset", "quick", "--out", str(tmp_path / "x"),
+               "--figures", str(tmp_path / "fig"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert len(err) == 1 and "the first 4 cells failed" in err[0] and "boom" in err[0], err
+    assert (tmp_path / "x" / "metrics.csv").read_text() == "the old, complete table\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

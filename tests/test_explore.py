@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 from ptlab.cli.main import main
-from ptlab.core.bugs import CONTROL, expected_kinds
-from ptlab.core.config import RunConfig
-from ptlab.core.explore import (
+from ptlab.cluster.explore import (
     Plan,
     PreemptionScheduler,
     RandomPoints,
@@ -29,7 +27,9 @@ from ptlab.core.explore import (
     replay_file_for,
     shrink,
 )
-from ptlab.core.sched import ReplayScheduler, SchedResult
+from ptlab.core.backends.scheduled import ReplayScheduler, SchedResult
+from ptlab.core.kernel.bugs import CONTROL, expected_kinds
+from ptlab.core.machine.config import RunConfig
 
 PIN = {"app": 2, "gup-fast": 1, "khugepaged": 1}
 
@@ -212,7 +212,7 @@ def test_cli_explore_finds_replays_and_writes_the_trace(tmp_path: Path, capsys) 
     seed_argv = replay_line.split()[1:]  # without "ptlab"
     assert main([*seed_argv[:-2], "-o", str(out), *seed_argv[-2:]]) == 1
     assert recorded["trace_hash"] in capsys.readouterr().out
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
 
     traces = sorted(out.glob("*.arrow"))
     assert traces
@@ -269,7 +269,8 @@ def test_bad_input_is_one_line_and_exit_2(extra: list[str], needle: str, tmp_pat
 @pytest.mark.skipif(os.environ.get("PTLAB_SKIP_RAY") == "1", reason="PTLAB_SKIP_RAY=1")
 def test_ray_workers_find_the_same_first_failure() -> None:
     """Batches fanned out over Ray stop at the same (lowest) failing schedule as a sequential
-    run: later batches are cancelled, earlier ones waited for."""
+    run: no batch starts after it, the ones in flight are waited for (and leave no shared
+    memory behind)."""
     plan = plan_for("ptl-hold", ("mutant-isolate-no-release",))  # first caught in a later batch
     local = explore(plan, 60, 0, batch=4)
     assert local.stop is not None

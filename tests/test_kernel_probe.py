@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import typer
 from ptlab.cli import commands_kernel
-from ptlab.core import kernel_probe as kp
-from ptlab.core.errors import ConfigError
-from ptlab.core.results import ResultFileError, read_run, write_run
+from ptlab.core.analysis.results import ResultFileError, read_run, write_run
+from ptlab.core.machine.errors import ConfigError
+from ptlab.core.probe import kernel_probe as kp
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -14,10 +14,10 @@ import threading
 
 import pytest
 from _stepper import Stepper
-from ptlab.core import strategies
-from ptlab.core.khugepaged import collapse_range
-from ptlab.core.layout import CPU_IPI_NGEN, MM_CPUMASK, MM_TLB_GEN
-from ptlab.core.paths import Oracle, access_store
+from ptlab.core.kernel import strategies
+from ptlab.core.kernel.khugepaged import collapse_range
+from ptlab.core.kernel.paths import Oracle, access_store
+from ptlab.core.machine.layout import CPU_IPI_NGEN, MM_CPUMASK, MM_TLB_GEN
 
 VPN = 5
 

@@ -11,14 +11,14 @@ import os
 import signal
 import time
 
-import ptlab.core.locks as locks
+import ptlab.core.machine.locks as locks
 import pytest
 from _procs import Lab, busy_until, flag, log
-from ptlab.core._prims import now_ns
-from ptlab.core.errors import OwnerDied
-from ptlab.core.layout import CPU_STATE, GUP_PIN_COUNTING_BIAS, ST_SLEEP
-from ptlab.core.machine import Machine
-from ptlab.core.shm import SHM_DIR
+from ptlab.core.machine._prims import now_ns
+from ptlab.core.machine.errors import OwnerDied
+from ptlab.core.machine.layout import CPU_STATE, GUP_PIN_COUNTING_BIAS, ST_SLEEP
+from ptlab.core.machine.mm import Machine
+from ptlab.core.machine.shm import SHM_DIR
 
 # flag words
 READERS_IN, WRITERS_IN, MAX_READERS, VIOLATIONS, GO, DONE, STREAM_STOP, ACQUIRED = range(8)

@@ -21,23 +21,10 @@ from typing import Any
 
 import pytest
 from ptlab.cli.main import main
-from ptlab.core import strategies
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError
-from ptlab.core.khugepaged import collapse_range, scan_pmd
-from ptlab.core.layout import (
-    _PRESENT,
-    _WRITE,
-    CPU_STATE,
-    CPU_WAITING,
-    ST_SLEEP,
-    STOP,
-    is_migration_entry,
-    pte_mk,
-)
-from ptlab.core.machine import VMA_COLLAPSE
-from ptlab.core.oracle import check_machine
-from ptlab.core.paths import (
+from ptlab.core.kernel import strategies
+from ptlab.core.kernel.khugepaged import collapse_range, scan_pmd
+from ptlab.core.kernel.oracle import check_machine
+from ptlab.core.kernel.paths import (
     FIRST_CHURN_SLOT,
     Oracle,
     access_load,
@@ -47,6 +34,19 @@ from ptlab.core.paths import (
     mmap_write_unlock,
     zap_range,
 )
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError
+from ptlab.core.machine.layout import (
+    _PRESENT,
+    _WRITE,
+    CPU_STATE,
+    CPU_WAITING,
+    ST_SLEEP,
+    STOP,
+    is_migration_entry,
+    pte_mk,
+)
+from ptlab.core.machine.mm import VMA_COLLAPSE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _stepper import Stepper  # noqa: E402

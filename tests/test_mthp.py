@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError
 
 
 def test_the_default_order_is_an_mthp_order():

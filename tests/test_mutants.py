@@ -1,6 +1,6 @@
 """Every mutant killed deterministically: one forced interleaving per safety step (issue 10).
 
-For each non-equivalent mutant of core/mutants.py a scenario runs simulated CPUs as threads of
+For each non-equivalent mutant of core/machine/mutants.py a scenario runs simulated CPUs as threads of
 this process over one real machine (tests/_stepper.py), parks them at named points and lets
 the others run, so the interleaving that the deleted step exists for happens every time — no
 timing luck, no wall-clock limit.  The same scenario runs twice:
@@ -31,14 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ptlab.core import strategies
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError
-from ptlab.core.khugepaged import collapse_range
-from ptlab.core.locks import check_locks_released
-from ptlab.core.mutants import MUTANTS, mutant_names
-from ptlab.core.oracle import check_machine
-from ptlab.core.paths import (
+from ptlab.core.kernel import strategies
+from ptlab.core.kernel.khugepaged import collapse_range
+from ptlab.core.kernel.oracle import check_machine
+from ptlab.core.kernel.paths import (
     DMA_WORD,
     Oracle,
     access_store,
@@ -47,6 +43,10 @@ from ptlab.core.paths import (
     translate,
     zap_range,
 )
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError
+from ptlab.core.machine.locks import check_locks_released
+from ptlab.core.machine.mutants import MUTANTS, mutant_names
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _stepper import Job, Stepper  # noqa: E402
@@ -139,7 +139,7 @@ def wait_in_futex(st: Stepper, cpu: Any, region: str, off: int) -> None:
 
 
 def dma_and_check(r: Run, g: Any, vpn: int, head: int, pfn: int) -> None:
-    """What the GUP role does with a pin (core/roles.py Gup.step): write through the pin like a
+    """What the GUP role does with a pin (core/kernel/roles.py Gup.step): write through the pin like a
     DMA engine, unpin, then the device's last write must be visible through the page table."""
     m = r.m
     word = DMA_WORD + g.id
@@ -539,7 +539,7 @@ def vma_writer_waits_for_a_fault(bugs: tuple[str, ...]) -> list[str]:
         fault = r.store(a)
         st.wait_parked(a, job=fault)
         collapse = r.collapse()
-        from ptlab.core.layout import VMA_READERS
+        from ptlab.core.machine.layout import VMA_READERS
 
         wait_in_futex(st, k, "ctl", st.m.L.vma(0) + VMA_READERS)
         st.resume(a)
@@ -613,7 +613,7 @@ def test_mutants_need_unsafe_and_are_not_offered_by_run(capsys: pytest.CaptureFi
 
 # ------------------------------------------------------------------------------ verdicts
 def _case(expect: tuple[str, ...], control_expect: tuple[str, ...] | None = None) -> Any:
-    from ptlab.core.bugs import CheckCase
+    from ptlab.core.kernel.bugs import CheckCase
 
     c = CheckCase("ptl-hold", ("ptl-hold-no-flush",) if expect else (), "ipi", 4, expect, {"app": 2, "khugepaged": 1})
     if control_expect is not None:
@@ -622,7 +622,7 @@ def _case(expect: tuple[str, ...], control_expect: tuple[str, ...] | None = None
 
 
 def test_verdict_needs_an_expected_kind_and_a_completed_run() -> None:
-    from ptlab.core.bugs import verdict
+    from ptlab.core.kernel.bugs import verdict
 
     bug = _case(("lost_write", "use_after_free"))
     assert verdict(bug, {"use_after_free": 3}) == (True, "caught: use_after_free×3")

@@ -11,9 +11,9 @@ import pytest
 import typer
 from ptlab.cli import main as cli_main
 from ptlab.cli.commands_results import register
-from ptlab.core.errors import ConfigError
-from ptlab.core.plots import FIGURES, plot_paths
-from ptlab.core.results import ResultFileError
+from ptlab.core.analysis.plots import FIGURES, plot_paths
+from ptlab.core.analysis.results import ResultFileError
+from ptlab.core.machine.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_results import make_run  # noqa: E402
@@ -93,8 +93,8 @@ def test_cli_plot(runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_timeline_counts_the_sampled_accesses(tmp_path: Path) -> None:
     """Accesses are recorded one in access_sample: the timeline shows accesses per second
     scaled back up (8x low without it); faults are recorded in full."""
-    from ptlab.core.plots import figure_timeline
-    from ptlab.core.results import read_runs
+    from ptlab.core.analysis.plots import figure_timeline
+    from ptlab.core.analysis.results import read_runs
 
     make_run(tmp_path / "a.arrow", "pmd-clear", seed=1, duration_s=2.0, n_faults=1000,
              meta_extra={"access_sample": 8})

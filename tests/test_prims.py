@@ -20,11 +20,11 @@ import pytest
 from _procs import SPAWN, Lab, flag
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ptlab.core import _prims
-from ptlab.core._prims import Region, now_ns
-from ptlab.core.errors import ConfigError
-from ptlab.core.layout import STOP
-from ptlab.core.shm import SHM_DIR, Namespace, sweep_stale
+from ptlab.core.machine import _prims
+from ptlab.core.machine._prims import Region, now_ns
+from ptlab.core.machine.errors import ConfigError
+from ptlab.core.machine.layout import STOP
+from ptlab.core.machine.shm import SHM_DIR, Namespace, sweep_stale
 
 N_INCREMENTS = 100_000
 COUNTER = 5  # flag words used by the counter test
@@ -310,7 +310,7 @@ def test_attach_to_missing_namespace_raises():
 
 # ---- calibrate -----------------------------------------------------------------------------------
 def test_quick_calibration_is_quick_and_complete():
-    from ptlab.core.calibrate import quick_calibration
+    from ptlab.core.analysis.calibrate import quick_calibration
 
     rows = quick_calibration()  # its speed is `ptlab calibrate`'s business, not a test's
     by = {r["primitive"]: r for r in rows}
@@ -329,7 +329,7 @@ def test_quick_calibration_is_quick_and_complete():
 @pytest.mark.timeout(120)
 def test_calibration_child_measurements_run_and_clean_up():
     """The multi-process measurements, small: they finish, give sane rows, leave no segment."""
-    from ptlab.core import calibrate as cal
+    from ptlab.core.analysis import calibrate as cal
 
     with cal._lab(3) as lab:
         prefixes = (lab.m.prefix, lab.scratch.prefix)
@@ -346,7 +346,7 @@ def test_calibration_child_measurements_run_and_clean_up():
 
 
 def test_write_calibration_round_trip(tmp_path):
-    from ptlab.core.calibrate import read_calibration, write_calibration
+    from ptlab.core.analysis.calibrate import read_calibration, write_calibration
 
     rows = [
         {"primitive": "cas64", "unit": "ns/op", "median": 20.0, "p99": 25.0, "reference_median": 5.0, "ratio": 4.0},
@@ -390,7 +390,7 @@ def test_cli_calibrate_unwritable_out_is_a_config_error(tmp_path, bad, monkeypat
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)
-    import ptlab.core.calibrate as cal
+    import ptlab.core.analysis.calibrate as cal
 
     measured: list[str] = []  # the --out check must come before anything is measured
     monkeypatch.setattr(cal, "run_calibration", lambda **kw: measured.append("full") or [])

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 from _stepper import Stepper
-from ptlab.core import strategies
-from ptlab.core.khugepaged import collapse_range
-from ptlab.core.oracle import check_machine
-from ptlab.core.paths import Oracle, access_store, gup_fast, zap_range
+from ptlab.core.kernel import strategies
+from ptlab.core.kernel.khugepaged import collapse_range
+from ptlab.core.kernel.oracle import check_machine
+from ptlab.core.kernel.paths import Oracle, access_store, gup_fast, zap_range
 
 VPN = 5
 CPUS = {"gup-fast": 1, "khugepaged": 1, "app": 1}

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ptlab.core.config import RunConfig
-from ptlab.core.results import read_run
+from ptlab.core.analysis.results import read_run
+from ptlab.core.machine.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "results" / "reference"

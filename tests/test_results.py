@@ -22,9 +22,9 @@ import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
-from ptlab.core import host as hostmod
-from ptlab.core import results
-from ptlab.core.results import (
+from ptlab.core.analysis import host as hostmod
+from ptlab.core.analysis import results
+from ptlab.core.analysis.results import (
     EVENT_SCHEMA,
     SCHEMA_VERSION,
     ResultFileError,
@@ -451,7 +451,7 @@ def test_sweep_layout_with_cell_columns(tmp_path: Path) -> None:
     """A sweep's layout: cells/<id>.arrow plus merged/strategy=X/part-<id>.arrow, one run per
     part, the strategy column left out and cell_* columns added.  Reading the whole sweep
     directory gives each run once per file; the extra columns survive."""
-    from ptlab.core.compare import compare_paths
+    from ptlab.core.analysis.compare import compare_paths
 
     for i, s in enumerate(("pmd-clear", "ptl-hold")):
         cell = read_run(make_run(tmp_path / "sweep" / "cells" / f"c{i}.arrow", s, seed=i))
@@ -649,26 +649,26 @@ def _both_ways(documented: set[str], in_code: set[str], what: str, where: str) -
 
 
 def test_schema_doc_lists_every_op_role_result_and_wait() -> None:
-    from ptlab.core import events
+    from ptlab.core.machine import events
 
-    _both_ways(_doc_names("Ops"), set(events.OPS), "ops", "core/events.py OPS")
-    _both_ways(_doc_names("Roles"), set(events.ROLES), "roles", "core/events.py ROLES")
-    _both_ways(_doc_names("Result codes"), set(events.RESULTS), "result codes", "core/events.py RESULTS")
+    _both_ways(_doc_names("Ops"), set(events.OPS), "ops", "core/machine/events.py OPS")
+    _both_ways(_doc_names("Roles"), set(events.ROLES), "roles", "core/machine/events.py ROLES")
+    _both_ways(_doc_names("Result codes"), set(events.RESULTS), "result codes", "core/machine/events.py RESULTS")
     _both_ways(_doc_names("Waited on"), set(events.WAITED) - {""}, "waited_on values",
-               "core/events.py WAITED")
+               "core/machine/events.py WAITED")
 
 
 def test_schema_doc_lists_every_metadata_key_and_parameter() -> None:
     import dataclasses
 
-    from ptlab.core.config import RunConfig
+    from ptlab.core.machine.config import RunConfig
 
     _both_ways(_doc_names("Metadata"), set(results.METADATA_KEYS), "metadata keys",
-               "core/results.py METADATA_KEYS")
+               "core/analysis/results.py METADATA_KEYS")
     _both_ways(_doc_names("Run parameters"), {f.name for f in dataclasses.fields(RunConfig)},
-               "run parameters", "core/config.py RunConfig")
+               "run parameters", "core/machine/config.py RunConfig")
     _both_ways({c for c in _doc_names("Event columns")}, set(EVENT_SCHEMA.names), "event columns",
-               "core/results.py EVENT_SCHEMA")
+               "core/analysis/results.py EVENT_SCHEMA")
 
 
 def test_schema_doc_check_can_fail() -> None:
@@ -680,7 +680,7 @@ def test_schema_doc_check_can_fail() -> None:
 
 
 def test_workload_names_agree() -> None:
-    from ptlab.core.config import WORKLOADS
+    from ptlab.core.machine.config import WORKLOADS
     from ptlab.workloads.patterns import Workload
 
     assert set(WORKLOADS) == {w.value for w in Workload}
@@ -694,7 +694,7 @@ def test_a_real_run_writes_only_documented_metadata(tmp_path: Path, umask_022: N
     import time as _time
 
     from ptlab.cluster.cell import run_cell
-    from ptlab.core.config import RunConfig
+    from ptlab.core.machine.config import RunConfig
 
     before = _time.time()
     f = run_cell(RunConfig(strategy="pmd-clear", order=4, duration_s=0.5, warmup_s=0.1,

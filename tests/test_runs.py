@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ptlab.core.bugs import check_cases, mutant_cases, verdict
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import RunFailed
-from ptlab.core.results import read_run
+from ptlab.core.analysis.results import read_run
+from ptlab.core.kernel.bugs import check_cases, mutant_cases, verdict
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import RunFailed
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -84,7 +84,7 @@ def test_known_answers_gup_fast_pmd_recheck_and_sync_ipi(tmp_path, case):
 
 
 def test_injecting_a_bug_needs_unsafe():
-    from ptlab.core.errors import ConfigError
+    from ptlab.core.machine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--unsafe"):
         RunConfig(inject_bugs=("rfc-v1",))

@@ -23,9 +23,9 @@ from ptlab.cluster.drycell import dry_cell
 from ptlab.cluster.grid import SweepSpec, cell_id, expand, load_toml, repeat_seed
 from ptlab.cluster.shmclean import sweep_shm
 from ptlab.cluster.sweep import run_sweep
-from ptlab.core.config import RunConfig
-from ptlab.core.errors import ConfigError
-from ptlab.core.results import read_run
+from ptlab.core.analysis.results import read_run
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.errors import ConfigError
 
 TESTS = Path(__file__).resolve().parent
 PY = sys.executable

@@ -15,9 +15,9 @@ import time
 
 import pytest
 from _procs import Lab, busy_until, flag, log
-from ptlab.core._prims import now_ns
-from ptlab.core.errors import OwnerDied
-from ptlab.core.layout import MM_CPUMASK
+from ptlab.core.machine._prims import now_ns
+from ptlab.core.machine.errors import OwnerDied
+from ptlab.core.machine.layout import MM_CPUMASK
 
 VPN, PFN = 5, 7
 HOLD_S = 0.3

@@ -1,4 +1,4 @@
-"""Virtual time at kernel cost (core/vtime.py, the World's cost model in core/sched.py).
+"""Virtual time at kernel cost (core/backends/virtual.py, the World's cost model in core/backends/scheduled.py).
 
 What is checked: runs are deterministic (same config, same numbers); a spinner's clock runs
 while it spins and jumps to the release; a sleeper pays the wake-to-run latency; spinlock
@@ -13,11 +13,11 @@ import hashlib
 
 import numpy as np
 import pytest
-from ptlab.core.config import RunConfig
-from ptlab.core.costs import load_costs
-from ptlab.core.events import to_columns
-from ptlab.core.sched import K_LOAD, K_RMW, CostModel, Costs, World
-from ptlab.core.vtime import costs_from, fit, run_virtual
+from ptlab.core.analysis.costs import load_costs
+from ptlab.core.backends.scheduled import K_LOAD, K_RMW, CostModel, Costs, World
+from ptlab.core.backends.virtual import costs_from, fit, run_virtual
+from ptlab.core.machine.config import RunConfig
+from ptlab.core.machine.events import to_columns
 
 TABLE = load_costs(None)
 FLAT = TABLE.as_ns()
@@ -51,7 +51,7 @@ def test_a_virtual_run_is_deterministic():
 def test_spinners_queue_in_order_and_their_clock_runs_to_the_release():
     """Three CPUs take one spinlock (the holder keeps it 10 µs): the waiters get it in the order
     they queued, each having spun until the release before it."""
-    from ptlab.core.machine import Machine
+    from ptlab.core.machine.mm import Machine
 
     cfg = _config(cpus={"app": 3})
     world = World(None, cost=CostModel(costs_from(FLAT)), quantum_ns=0)
@@ -94,7 +94,7 @@ def test_spinners_queue_in_order_and_their_clock_runs_to_the_release():
 
 
 def test_a_sleeper_pays_the_wake_to_run_latency():
-    from ptlab.core.machine import Machine
+    from ptlab.core.machine.mm import Machine
 
     cfg = _config(cpus={"app": 2})
     world = World(None, cost=CostModel(costs_from(FLAT)), quantum_ns=0)
@@ -133,7 +133,7 @@ def test_bookkeeping_costs_nothing_and_shared_lines_cost_a_transfer():
 
 
 def test_the_fit_makes_the_uncontended_fault_the_kernels():
-    from ptlab.core.vtime import _uncontended_fault_ns
+    from ptlab.core.backends.virtual import _uncontended_fault_ns
 
     flat, fitted = fit(TABLE)
     kernel = (TABLE.meta.get("kernel_result") or {}).get("fault_p50_ns")
@@ -152,7 +152,7 @@ def test_sixty_four_faulting_cpus_run_on_this_machine():
 
 def test_virtual_result_file_says_its_clock_and_embeds_the_costs(tmp_path):
     from ptlab.cluster.cell import run_cell
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
 
     r = read_run(run_cell(_config(duration_s=0.0005), tmp_path))
     assert r.meta["clock"] == "virtual"
@@ -160,3 +160,16 @@ def test_virtual_result_file_says_its_clock_and_embeds_the_costs(tmp_path):
     assert r.meta["speed"]["virtual_ns_per_wall_s"] > 0
     assert r.meta["params"]["backend"] == "virtual"
     assert len(r.table) > 0
+
+
+def test_madvise_collapse_context_mirrors_the_kernel_probe():
+    """MADV_COLLAPSE's path: a thread of the process (in mm_cpumask: it re-touches the range it
+    re-splits) collapses order 9 with the LRU drain inside the collapse window; clean."""
+    cfg = _config(strategy="pmd-clear", order=9, collapse_context="madvise", workload="refault", zap_pages=64,
+                  cpus={"app": 2, "khugepaged": 1}, nr_pmds=2, duration_s=0.003)
+    out = run_virtual(cfg, FLAT)
+    assert out["violations"] == [] and not any(r["violations"] for r in out["results"])
+    k = out["results"][-1]
+    cols = to_columns(k["rows"], k["crows"], k["cpu"], "x", "s", 0)
+    coll = np.asarray(cols["latency_ns"])[np.asarray(cols["op"], dtype=object) == "collapse"]
+    assert len(coll) >= 2 and np.median(coll) > FLAT["lru_drain"]  # the drain is inside the window

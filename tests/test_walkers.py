@@ -1,5 +1,5 @@
 """Issue 9 item 7, requirement c) "no ordinary page table walker can grab the folio": the rmap
-walker, the page-table walker and VMA changes (core/walkers.py) beside a collapse.
+walker, the page-table walker and VMA changes (core/kernel/walkers.py) beside a collapse.
 
 Forced with the in-process stepper (no timing luck, no wall-clock limit): a collapse is parked
 mid-copy and each walker runs against it; it must wait (spin on the PTL, sleep on mmap_lock or
@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ptlab.core import strategies
-from ptlab.core import walkers as W
-from ptlab.core.khugepaged import collapse_range
-from ptlab.core.layout import (
+from ptlab.core.kernel import strategies
+from ptlab.core.kernel import walkers as W
+from ptlab.core.kernel.khugepaged import collapse_range
+from ptlab.core.kernel.oracle import check_machine, lock_name
+from ptlab.core.kernel.paths import Oracle, access_load, access_store, zap_range
+from ptlab.core.machine.layout import (
     _PRESENT,
     _WRITE,
     CPU_STATE,
@@ -34,8 +36,6 @@ from ptlab.core.layout import (
     is_migration_entry,
     pte_mk_migration,
 )
-from ptlab.core.oracle import check_machine, lock_name
-from ptlab.core.paths import Oracle, access_load, access_store, zap_range
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _stepper import Stepper  # noqa: E402
@@ -393,7 +393,7 @@ def test_quiescent_check_finds_an_isolation_never_put_back():
 # ------------------------------------------------------------------------------ CLI and real runs
 def test_walker_flags_and_mix(tmp_path, capsys):
     from ptlab.cli.main import main
-    from ptlab.core.config import RunConfig
+    from ptlab.core.machine.config import RunConfig
     from ptlab.workloads.mixes import get_mix
 
     c = RunConfig(cpus=get_mix("walkers"))
@@ -413,8 +413,8 @@ def test_real_run_with_every_walker_is_clean(tmp_path, strategy):
     """The process backend: app, khugepaged and one CPU of each walker for 2 s; every walker
     really walked and the oracle found nothing."""
     from ptlab.cluster.cell import run_cell
-    from ptlab.core.config import RunConfig
-    from ptlab.core.results import read_run
+    from ptlab.core.analysis.results import read_run
+    from ptlab.core.machine.config import RunConfig
 
     r = read_run(run_cell(RunConfig(strategy=strategy, order=ORDER, duration_s=2.0, cpus=CPUS, workload="hotset", nr_pmds=1), tmp_path))
     df = r.table.to_pandas()
@@ -439,8 +439,8 @@ SCHED_SEEDS = range(20)
 def test_scheduled_executions_catch_the_bug_and_stay_clean_without_it(strategy, bug, walker, kind):
     """The deterministic backend (random schedules, fixed seeds): the bug is caught in some of
     20 executions, and the same 20 executions without it are clean."""
-    from ptlab.core.config import RunConfig
-    from ptlab.core.sched import make_scheduler, run_scheduled
+    from ptlab.core.backends.scheduled import make_scheduler, run_scheduled
+    from ptlab.core.machine.config import RunConfig
 
     cpus = {"app": 1, walker: 1, "khugepaged": 1}
 

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError
 
 MIXES: dict[str, dict[str, int]] = {
     # the smallest comparison: one app CPU faulting, one khugepaged

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from enum import Enum
 
-from ptlab.core.errors import ConfigError
+from ptlab.core.machine.errors import ConfigError
 
 
 class Workload(str, Enum):
