@@ -11,54 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from ptlab.core.machine import _prims
 from ptlab.core.machine.errors import ConfigError
 
 Progress = Callable[[str, float], None]
 
-CALIBRATION_FILE = "calibration.arrow"
-# Bump when the columns or their meaning change; stored in the file's metadata.
-CALIBRATION_FORMAT = 1
 
-SCHEMA = pa.schema(
-    [
-        pa.field("primitive", pa.string(), nullable=False),
-        pa.field("unit", pa.string(), nullable=False),
-        pa.field("median", pa.float64(), nullable=False),
-        pa.field("p99", pa.float64(), nullable=False),
-        pa.field("reference_median", pa.float64(), nullable=True),
-        pa.field("ratio", pa.float64(), nullable=True),
-    ]
-)
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
 
-# Targets from the project's issue: primitive -> (text, check(row) -> bool).
-TARGETS: dict[str, tuple[str, Callable[[Mapping[str, Any]], bool]]] = {
-    "cas64": ("≤ 60 ns", lambda r: r["median"] <= 60.0),
-    "spin_lock_unlock": (
-        "≤ 120 ns, ≤ 12×",
-        lambda r: r["median"] <= 120.0 and r["ratio"] is not None and r["ratio"] <= 12.0,
-    ),
-    "futex_wake_to_run": ("p50 ≤ 1.5×", lambda r: r["ratio"] is not None and r["ratio"] <= 1.5),
-    "copy_2m": ("≥ 50 % of memcpy", lambda r: r["ratio"] is not None and r["ratio"] <= 2.0),
-}
-
-# ---- the scratch segment (beside the machine's own) ------------------------------------------
-S_READY = 0  # u32: children attached and registered
-S_STOP = 4  # u32: parent -> children: stop looping
-S_BARRIER = 8  # u32: children's phase barrier
-S_FUTEX = 64  # u32 futex word of the wake-to-run ping-pong (own line)
-S_STAMP = 72  # i64: the waker's clock stamp
-S_WORD = 128  # i64: the word of the single-word atomics (own line)
-S_RESULTS = 4096  # f64[2 slots][2 phases][MAX_BATCHES]
-MAX_BATCHES = 64
-S_SAMPLES = S_RESULTS + 2 * 2 * MAX_BATCHES * 8  # f64 futex samples
-MAX_SAMPLES = 8192
-SCRATCH = {"scratch": S_SAMPLES + MAX_SAMPLES * 8}
-
-CHILD_START_S = 60.0  # spawn + imports; generous for a loaded CI host
-CHILD_RUN_S = 60.0
-from ptlab.core.analysis.calibrate import _cores  # noqa: E402
 
 # ---- the kernel cost table (`ptlab calibrate --kernel`) ----------------------------------------
 # What each kernel step costs the host kernel, in ns, for the virtual clock (core/analysis/costs.py holds
