@@ -677,7 +677,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------- the driver
-# One scheduled execution of a run configuration (helper-owned half of this module): the CPUs
+# One scheduled execution of a run configuration: the CPUs
 # as greenlet tasks over one machine, each running its role for a fixed number of operations.
 # What a scheduled run adds to the process backend's CPU is here, in ``SchedCpu``:
 #   - its clock, delays, idling and polling go through the world;

@@ -43,7 +43,7 @@ CPUS: dict[str, dict[str, int]] = {
     "slow": {"app": 2, "gup-slow": 1, "khugepaged": 1},
     "zap": {"app": 2, "zap": 1, "khugepaged": 1},
     "pin-zap": {"app": 1, "gup-fast": 1, "zap": 1, "khugepaged": 1},
-    # requirement c)'s walkers (core/kernel/walkers.py; their cells are helper-chosen: one app CPU)
+    # requirement c)'s walkers (core/kernel/walkers.py; their cells run one app CPU)
     "rmap": {"app": 1, "rmap-walk": 1, "khugepaged": 1},
     "ptwalk": {"app": 1, "pt-walk": 1, "khugepaged": 1},
 }
