@@ -49,8 +49,9 @@ def _replay(flush: str, bugs: tuple[str, ...]) -> tuple[bool, list[str], str]:
         return waited, kinds, "pinned" if head >= 0 else "fallback"
 
 
-def test_2ba99c5e0881_no_sync_ipi_on_broadcast_tlbi_walks_a_freed_table():
-    waited, kinds, _ = _replay("broadcast", ("no-sync-ipi",))
+@pytest.mark.parametrize("bugs", [("no-sync-ipi",), ("gup-fast-no-pmd-recheck", "no-sync-ipi")])
+def test_2ba99c5e0881_no_sync_ipi_on_broadcast_tlbi_walks_a_freed_table(bugs):
+    waited, kinds, _ = _replay("broadcast", bugs)
     assert not waited, "nothing waits for an IRQs-off walk on a broadcast-TLBI machine"
     assert "pt_use_after_free" in kinds
 

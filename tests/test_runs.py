@@ -43,10 +43,13 @@ def test_safe_strategy_collapses_cleanly(tmp_path, strategy, order, flush):
     assert (df.op == "dma").sum() > 0
 
 
-# The real-backend set: the bugs whose catch on this 2-core machine is fast and certain in the
-# measured catch rates (`ptlab check --catch-rate 20`, see the README); every bug and mutant is
-# also killed deterministically, with a forced interleaving, in tests/test_mutants.py.
-REAL_RUN_SET = ("ptl-hold-no-flush", "ptl-hold-unlocked-copy", "rfc-v1", "pmd-clear-read-lock", "migration-no-refcheck")
+# The real-backend set: the bugs whose catch on this 2-core machine is fast and certain — an app
+# CPU's own stores race the collapse many times a second.  Pin races (migration-no-refcheck:
+# 19/20 in the measured catch rates) and the broadcast known answers can miss by bad luck on a
+# loaded host, so their catches are proven deterministically instead (tests/test_mutants.py,
+# tests/test_pt_lifetime.py, tests/test_explore.py); here the process backend keeps only what
+# cannot flake.
+REAL_RUN_SET = ("ptl-hold-no-flush", "ptl-hold-unlocked-copy", "rfc-v1", "pmd-clear-read-lock")
 BUG_CASES = [c for c in check_cases() if len(c.bugs) == 1 and c.bugs[0] in REAL_RUN_SET and c.expect_caught]
 
 
@@ -70,7 +73,9 @@ def test_quiescent_points_check_the_invariants_mid_run(tmp_path):
     assert clean["quiescent_checks"] >= 2 and clean["violations"] == []
 
 
-KNOWN = [c for c in check_cases() if set(c.bugs) & {"gup-fast-no-pmd-recheck", "no-sync-ipi"}]
+# the known answers that must stay clean (a clean verdict cannot miss by luck; the caught ones
+# are forced deterministically in tests/test_pt_lifetime.py)
+KNOWN = [c for c in check_cases() if set(c.bugs) & {"gup-fast-no-pmd-recheck", "no-sync-ipi"} and not c.expect_caught]
 
 
 @pytest.mark.parametrize("case", KNOWN, ids=lambda c: f"{c.label}-{c.flush}")
