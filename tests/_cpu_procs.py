@@ -8,12 +8,12 @@ CpuActor on the same host.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ptlab.core.machine.config import RunConfig
 from ptlab.core.machine.layout import CPU_PID, CPU_PROGRESS
 from ptlab.core.machine.mm import Machine
+from ptlab.core.machine.shm import pid_alive
 
 SHM = Path("/dev/shm")
 
@@ -52,12 +52,9 @@ def is_cpu_actor(pid: int) -> bool:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """pid_alive(), except that a zombie is not alive."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie is not alive
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
