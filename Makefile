@@ -3,7 +3,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.ptlab-installed
-SOURCES := pyproject.toml setup.py $(wildcard core/*/*.c)
+# the hot paths setup.py compiles with Cython (core/machine/build.py: COMPILED): an edit to one
+# of them makes `make test` / `make run` rebuild it first
+HOT := $(shell $(PYTHON) -c "import runpy; print(' '.join('core/%s.py' % m for m in runpy.run_path('core/machine/build.py')['COMPILED']))")
+SOURCES := pyproject.toml setup.py core/machine/build.py $(wildcard core/*/*.c) $(HOT)
 
 .PHONY: run test install lint clean
 
@@ -24,5 +27,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# the compiled modules' .so beside their .py (their generated .c live in build/cython), the C
+# primitives' .so, and the install stamp so that the next `make` builds them again
 clean:
-	rm -rf build *.egg-info core/*/*.so
+	rm -rf build *.egg-info core/*/*.so core/*/*/*.so core/_build_hashes.json $(STAMP)

@@ -41,24 +41,27 @@ class CellRun:
         return verdict(self.case, self.kinds, self.error)
 
 
-def run_cells(jobs: Sequence[tuple[CheckCase, int]], duration: float, out: Path | None, address: str | None, console: Console) -> list[CellRun]:
-    """Run (case, seed) pairs one after another on the embedded (or given) Ray, with one
-    progress bar.  ``out``: where the result files go (None: keep only the verdicts)."""
-    from ptlab.cluster.cell import run_cell
+def run_cells(jobs: Sequence[tuple[CheckCase, int, float]], out: Path | None, address: str | None, console: Console) -> list[CellRun]:
+    """Run (case, seed, seconds) one after another on the embedded (or given) Ray, with one
+    progress bar.  ``out``: where the result files go (None: keep only the verdicts).  A cell
+    that must be caught ends at its first violation of an expected kind (``stop_on``): its
+    seconds are a budget, and the verdict needs only whether and when the catch came."""
+    from ptlab.cluster.cell import CpuPool, run_cell
     from ptlab.cluster.sweep import connect
     from ptlab.core.analysis.results import read_run
 
     started = connect(address)
     runs: list[CellRun] = []
+    pool = CpuPool()  # the runs are sequential: each reuses the CPU processes of the last
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("check", total=len(jobs))
-            for case, seed in jobs:
+            for case, seed, duration in jobs:
                 progress.update(task, description=f"{case.strategy} {case.label} {case.flush} o{case.order} seed {seed}")
-                config = RunConfig(duration_s=duration, seed=seed, **case.params())
+                config = RunConfig(duration_s=duration, seed=seed, stop_on=tuple(case.expect), **case.params())
                 run = CellRun(case, seed, duration_s=config.warmup_s + duration)
                 try:
-                    res = run_cell(config, out)
+                    res = run_cell(config, out, pool=pool)
                     meta = read_run(res).meta if isinstance(res, Path) else res["meta"]  # type: ignore[index]
                     run.kinds = dict(meta["summary"]["violation_kinds"])
                     run.violations = list(meta["violations"])
@@ -67,6 +70,7 @@ def run_cells(jobs: Sequence[tuple[CheckCase, int]], duration: float, out: Path 
                 runs.append(run)
                 progress.advance(task)
     finally:
+        pool.close()
         if started:
             import ray
 

@@ -60,12 +60,13 @@ def explore_cmd(
     pin_hold_us: Annotated[int, typer.Option(help="How long a pin is held: the device writes through it every 20 µs.")] = 1000,
     pin_target: Annotated[str, typer.Option(metavar="[workload|collapse]", help="Where GUP CPUs pin: where the workload goes, or in the range being collapsed.")] = "workload",
     nr_pmds: Annotated[int, typer.Option(help="Size of the collapsing VMA in PMDs (512 pages each).")] = 1,
+    zap_pages: Annotated[int, typer.Option(help="Pages per MADV_DONTNEED of app and zap CPUs (512: whole PMDs, so a THP is zapped whole by zap_huge_pmd instead of split).")] = 8,
     frames: Annotated[int, typer.Option(help="Physical frames (0: sized from the VMA).")] = 0,
     max_ptes_none: Annotated[int, typer.Option(help="khugepaged max_ptes_none (0..511).")] = 511,
     mthp_fault_order: Annotated[int, typer.Option(help="Faults on an all-none aligned range allocate this order (0: off).")] = 0,
     holes: Annotated[HolesMode, typer.Option(help="migration-entry only: mark or backoff (see `ptlab run --help`).")] = HolesMode.MARK,
     vma_stability: Annotated[VmaStability, typer.Option(help="ptl-hold / migration-entry: mmap-lock or vma-lock.")] = VmaStability.MMAP_LOCK,
-    scheduler: Annotated[str, typer.Option("--scheduler", metavar="random[:P[:Q[:L]]]|pct[:D]", help="random: switch CPUs with probability P at a point, Q at a named race point or a delay, parking the preempted CPU until the next one passes about L named points (default 0.05:0.5:3); pct: probabilistic concurrency testing of depth D.")] = "random",
+    scheduler: Annotated[str, typer.Option("--scheduler", metavar="random[:P[:Q[:L[:H]]]]|pct[:D]", help="random: switch CPUs with probability P at a point, Q at a named race point or a delay, parking the preempted CPU until the next one passes about L named points (default 0.05:0.5:3); with H > 0, a CPU preempted inside a GUP-fast walk is held with probability H until another CPU frees a page table; pct: probabilistic concurrency testing of depth D.")] = "random",
     depth: Annotated[int | None, typer.Option(help="PCT depth (bugs needing up to DEPTH-1 preemptions); implies --scheduler pct.")] = None,
     pct_k: Annotated[int, typer.Option("--pct-k", help="PCT's expected steps per schedule (0: measured from one schedule).")] = 0,
     schedules: Annotated[int, typer.Option("--schedules", "-n", help=f"Schedules to run (default {DEFAULT_SCHEDULES}: about a minute on 2 cores).")] = DEFAULT_SCHEDULES,
@@ -120,9 +121,11 @@ def explore_cmd(
     else:
         cpus = dict(ex.EXPLORE_CPUS)
     bugs = tuple(inject_bug or ())
+    if not 1 <= zap_pages <= 512 * max(1, nr_pmds):
+        raise ConfigError(f"--zap-pages must be 1..{512 * max(1, nr_pmds)} (the collapsing VMA's pages; got {zap_pages})")
     config = RunConfig(strategy=strategy.value, order=order, cpus=cpus, workload=workload.value, seed=seed, flush=flush.value,
                        ptl=ptl.value, vma_locks=vma_locks, inject_bugs=bugs, unsafe=unsafe, chaos=chaos, pin_hold_us=pin_hold_us,
-                       nr_pmds=nr_pmds, nr_frames=frames, max_ptes_none=max_ptes_none, mthp_fault_order=mthp_fault_order,
+                       nr_pmds=nr_pmds, nr_frames=frames, zap_pages=zap_pages, max_ptes_none=max_ptes_none, mthp_fault_order=mthp_fault_order,
                        holes=holes.value, vma_stability=vma_stability.value, **_pin_target(pin_target))
     if depth is not None:
         if not 1 <= depth <= 10:
@@ -367,7 +370,7 @@ def _seed_command(plan: Any, seed: int) -> str:
         argv.append("--unsafe")
     if c.chaos:
         argv.append("--chaos")
-    for name, default in (("pin_hold_us", 1000), ("nr_pmds", 1), ("nr_frames", 0), ("max_ptes_none", 511), ("mthp_fault_order", 0)):
+    for name, default in (("pin_hold_us", 1000), ("nr_pmds", 1), ("nr_frames", 0), ("max_ptes_none", 511), ("mthp_fault_order", 0), ("zap_pages", 8)):
         if getattr(c, name) != default:
             argv += ["--frames" if name == "nr_frames" else f"--{name.replace('_', '-')}", str(getattr(c, name))]
     if plan.scheduler != "random":

@@ -272,7 +272,8 @@ def _fidelity_side_by_side(reports: list[FidelityReport], labels: list[str], fmt
         lines = [f"kernel: `{k.kernel_file}`", *[f"- {h}" for h in heads], "",
                  "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        typer.echo("\n".join([*lines, "", _FOOTER]))
+        notes = [f"note ({label}): {n}" for label, r in zip(labels, reports) for n in r.notes]
+        typer.echo("\n".join([*lines, "", _FOOTER, *notes]))
         return
     from rich.table import Table
 
@@ -287,6 +288,9 @@ def _fidelity_side_by_side(reports: list[FidelityReport], labels: list[str], fmt
         table.add_row(*row)
     console.print(table)
     console.print(_FOOTER)
+    for label, r in zip(labels, reports):
+        for n in r.notes:
+            console.print(f"[yellow]note ({label}):[/] {n}")
 
 
 def register(app: typer.Typer) -> None:

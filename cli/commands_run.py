@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from ptlab.cli.output import EXIT_FAILED, EXIT_VIOLATION, ray_output_to_log
 from ptlab.cli.output import console as _console
-from ptlab.core.kernel.bugs import BUG_TEXT, STRATEGY_TEXT, check_cases, expected_kinds
+from ptlab.core.kernel.bugs import BUG_TEXT, STRATEGY_TEXT, CheckCase, check_cases, expected_kinds
 from ptlab.core.machine.config import (
     BUGS,
     FlushMode,
@@ -64,6 +64,22 @@ def _cpus_from_flags(mix: str | None, flags: dict[str, int | None]) -> dict[str,
         if n is not None:
             cpus[role] = n
     return {r: n for r, n in cpus.items() if n}
+
+
+def _placement_spec(spec: str, cpus: dict[str, int]) -> str:
+    """``--placement``: a spec as given, or a `ptlab kernel` result file turned into one (the
+    core and policy its thread of each role ran with).  Raises ConfigError."""
+    if not spec or not (spec.endswith(".arrow") or Path(spec).is_file()):
+        return spec
+    from ptlab.core.analysis.results import read_meta
+    from ptlab.core.probe.kernel_probe import KIND, sim_placement
+
+    if not Path(spec).is_file():
+        raise ConfigError(f"--placement {spec}: no such file; give a `ptlab kernel` result file or CORE[:idle],...")
+    meta = read_meta(spec)
+    if meta.get("kind") != KIND:
+        raise ConfigError(f"--placement {spec} is not a `ptlab kernel` result file; give one, or CORE[:idle],...")
+    return sim_placement(meta.get("params") or {}, RunConfig(cpus=cpus, backend="virtual"))
 
 
 def _progress(show: bool = True) -> Progress:
@@ -179,6 +195,7 @@ def register(app: typer.Typer) -> None:
         backend: Annotated[str, typer.Option(help="process: one real OS process per simulated CPU, wall-clock time (the benchmark); virtual: kernel-cost virtual time in one process, deterministic, any number of CPUs (core/backends/virtual.py).", metavar="[process|virtual]")] = "process",
         think_ns: Annotated[int | None, typer.Option(help="App CPUs: ns of their own work between two accesses (default 0; 2000 with --backend virtual).", metavar="NS")] = None,
         collapse_context: Annotated[str, typer.Option(help="khugepaged: the daemon's scan (mmap_read_trylock); madvise: MADV_COLLAPSE's path, as `ptlab kernel` drives it (mmap_lock for read, LRU drain, order 9, pmd-clear).", metavar="[khugepaged|madvise]")] = "khugepaged",
+        placement: Annotated[str, typer.Option(help="--backend virtual: the core each CPU runs on, CPUs on one core taking turns as under the kernel's fair scheduler: CORE or CORE:idle (SCHED_IDLE) per CPU in CPU-id order (1:idle,1:idle,0), probe:N (`ptlab kernel`'s placement on N cores), or a `ptlab kernel` result file (its threads' cores). Default: a core per CPU.", metavar="SPEC|KERNEL_FILE")] = "",
         address: Annotated[str | None, typer.Option(help="Ray cluster address (auto or host:port); default: an embedded Ray on 127.0.0.2.")] = None,
         no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the comparison table at the end.")] = False,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars (they go to stderr; results go to stdout).")] = False,
@@ -193,6 +210,7 @@ def register(app: typer.Typer) -> None:
         strategies = [s.value for s in Strategy] if strategy == StrategyChoice.ALL else [strategy.value]
         cpus = _cpus_from_flags(mix, {"app": app_cpus, "gup-fast": gup_fast, "gup-slow": gup_slow, "mmap": mmap, "zap": zap, "khugepaged": khugepaged, "rmap-walk": rmap_walk, "pt-walk": pt_walk, "vma-change": vma_change})
         bugs = tuple(inject_bug or ())
+        placement = _placement_spec(placement, cpus)
         configs = [
             RunConfig(
                 strategy=s,
@@ -221,6 +239,7 @@ def register(app: typer.Typer) -> None:
                 think_ns=think_ns if think_ns is not None else (2000 if backend == "virtual" else 0),
                 collapse_context=collapse_context,
                 warmup_s=0.0 if backend == "virtual" else 0.3,
+                placement=placement,
             )
             for s in strategies
         ]
@@ -253,7 +272,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def check(
-        duration: Annotated[float, typer.Option("--duration", "-d", help="Seconds per cell (stress runs with chaos on).")] = 5.0,
+        duration: Annotated[float, typer.Option("--duration", "-d", help="Seconds per clean cell, and the budget of its positive control (stress runs with chaos on).")] = 5.0,
+        budget: Annotated[float, typer.Option("--budget", help="Seconds a bug or mutant cell may take to be caught: it ends at its first catch of an expected kind.", metavar="SECONDS")] = 30.0,
         orders: Annotated[list[int] | None, typer.Option("--order", help="Orders for the safe strategies (repeatable; default 4 and 9).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the result files (not written by --catch-rate).")] = Path("results/check"),
         address: Annotated[str | None, typer.Option(help="Ray cluster address; default: embedded.")] = None,
@@ -268,7 +288,9 @@ def register(app: typer.Typer) -> None:
         that is caught under the same settings, and every injected bug must be caught with the
         violation kinds it must produce — with the known answers for GUP-fast's PMD re-check
         (70cbc3cc78a9) and the sync IPI (2ba99c5e0881) on both flush modes.  --mutants does the
-        same for every safety step (mutation testing).  A run that could not complete (a CPU
+        same for every safety step (mutation testing).  A bug or mutant cell ends at its first
+        catch of an expected kind (at most --budget seconds); a clean cell runs --duration, and
+        its control must be caught within that.  A run that could not complete (a CPU
         raised, a watchdog stall) is a failed run, never a catch.  Exit 0 when every cell is as
         expected, 1 when one is not, 3 when a run failed."""
         from ptlab.cli import check_matrix as cm
@@ -277,6 +299,8 @@ def register(app: typer.Typer) -> None:
 
         if catch_rate < 0:
             raise ConfigError(f"--catch-rate must be a number of runs >= 1 (got {catch_rate})")
+        if not 0 < budget <= 3600:
+            raise ConfigError(f"--budget must be 0 < SECONDS <= 3600 (got {budget})")
         for name in only or ():
             if name not in MUTANTS and name not in BUGS:
                 raise ConfigError(f"--only {name!r} is neither a bug nor a mutant; see `ptlab strategies` and `ptlab check --mutants --list`")
@@ -298,13 +322,16 @@ def register(app: typer.Typer) -> None:
                 cases = [c for c in cases if set(c.bugs) & set(only)]
             elif catch_rate:
                 cases = [c for c in cases if c.expect]
+        def seconds(c: CheckCase) -> float:  # a cell to be caught runs until its catch, within the budget
+            return budget if c.expect else duration
+
         for c in cases:  # validate every cell before any Ray or shared memory is touched
-            RunConfig(duration_s=duration, **c.params())
+            RunConfig(duration_s=seconds(c), **c.params())
             if c.control is not None:
                 RunConfig(duration_s=duration, **c.control.params())
         if catch_rate:
-            jobs = [(c, seed) for c in cases for seed in range(catch_rate)]
-            runs = cm.run_cells(jobs, duration, None, address, _console(stderr=True, quiet=quiet or no_progress))
+            jobs = [(c, seed, seconds(c)) for c in cases for seed in range(catch_rate)]
+            runs = cm.run_cells(jobs, None, address, _console(stderr=True, quiet=quiet or no_progress))
             table, not_always, failed = cm.catch_rate_table(cases, runs)
             console.print(table)
             if failed:
@@ -314,8 +341,9 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(1)
             return
         _writable_dir(out)
-        jobs = [(c, 0) for c in cases] + [(c.control, 0) for c in cases if c.control is not None]
-        runs = {r.case: r for r in cm.run_cells(jobs, duration, out, address, _console(stderr=True, quiet=quiet or no_progress))}
+        # a positive control must be caught within its clean cell's duration
+        jobs = [(c, 0, seconds(c)) for c in cases] + [(c.control, 0, duration) for c in cases if c.control is not None]
+        runs = {r.case: r for r in cm.run_cells(jobs, out, address, _console(stderr=True, quiet=quiet or no_progress))}
         if mutants:
             table, eq, score = cm.mutation_table(cases, runs)
             console.print(table)
@@ -333,22 +361,55 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command()
-    def bench() -> None:
-        """The simulation's own step costs in one process, without contention: a TLB-hit
-        access, event recording, an anonymous fault, one collapse per strategy and order —
-        each against its target.  Set them beside `ptlab calibrate` and the kernel's numbers."""
-        from ptlab.core.analysis.bench import run_bench
+    def bench(
+        json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows, the build and the host to this JSON file (to keep and compare the numbers).", metavar="FILE")] = None,
+        kernel_result: Annotated[Path | None, typer.Option(help="A `ptlab kernel` result file (-loaded.arrow or -baseline.arrow): its fault and MADV_COLLAPSE medians are the kernel column's. Default: the run the host's cost table was made from.", metavar="FILE")] = None,
+        costs: Annotated[Path | None, typer.Option(help="The cost table for the kernel column. Default: results/costs/<hostname>.json (`ptlab calibrate --kernel`), else the committed default.", metavar="FILE")] = None,
+    ) -> None:
+        """The simulation's own step costs in one process, without contention — a TLB-hit
+        access, an anonymous fault, one collapse per strategy and order, spin_lock + unlock —
+        each against its target and beside the host kernel's figure, with the dilation
+        (simulation over kernel).  Below the table: which build ran (compiled, or pure with
+        PTLAB_PURE=1)."""
+        from ptlab.core.analysis.bench import (
+            add_kernel_columns,
+            host_cost_table,
+            kernel_figures,
+            run_bench,
+            write_bench,
+        )
         from ptlab.core.analysis.compare import fmt_num
+        from ptlab.core.analysis.costs import load_costs
+        from ptlab.core.machine.build import build_info
 
+        if json_out is not None:
+            if json_out.is_dir():
+                raise ConfigError(f"--json {json_out} is a directory; give a file name")
+            if not json_out.parent.is_dir():
+                raise ConfigError(f"--json {json_out}: no directory {json_out.parent}")
+        table_costs = load_costs(costs) if costs is not None else host_cost_table()
+        latencies = None
+        if kernel_result is not None:
+            from ptlab.core.probe.kernel_costs import kernel_result_latencies
+
+            latencies = kernel_result_latencies(kernel_result)
         with console.status("measuring") as status:
             rows = run_bench(lambda s: status.update(f"measuring {s}"))
-        table = Table(title="ptlab bench (µs)")
-        for col in ("step", "median", "p99", "target", "", "note"):
-            table.add_column(col, justify="right" if col in ("median", "p99", "target") else "left")
+        add_kernel_columns(rows, kernel_figures(table_costs, latencies))
+        table = Table(title="ptlab bench (µs; dilation = median ÷ kernel)")
+        for col in ("step", "median", "p99", "target", "", "kernel", "dilation", "note"):
+            table.add_column(col, justify="right" if col in ("median", "p99", "target", "kernel", "dilation") else "left")
         for r in rows:
             mark = "" if r["ok"] is None else ("[green]✓" if r["ok"] else "[red]✗")
-            table.add_row(r["step"], fmt_num(r["median_us"]), fmt_num(r["p99_us"]), "" if r["target_us"] is None else f"≤ {fmt_num(r['target_us'])}", mark, r["note"])
+            note = r["note"] + (f"; kernel: {r['kernel_from']}" if r["kernel_from"] else "")
+            table.add_row(r["step"], fmt_num(r["median_us"]), fmt_num(r["p99_us"]),
+                          "" if r["target_us"] is None else f"≤ {fmt_num(r['target_us'])}", mark,
+                          "" if r["kernel_us"] is None else fmt_num(r["kernel_us"]),
+                          "" if r["dilation"] is None else f"×{fmt_num(r['dilation'])}", note)
         console.print(table)
+        console.print(build_info().describe(), highlight=False)
+        if json_out is not None:
+            write_bench(rows, json_out)
 
     @app.command()
     def strategies() -> None:

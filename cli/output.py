@@ -169,7 +169,8 @@ def fix_metavars(command: Any) -> None:
 
 
 def version_text() -> str:
-    """``ptlab X.Y.Z`` and, in a git checkout, the revision."""
+    """``ptlab X.Y.Z`` and, in a git checkout, the revision; then the build of the hot paths
+    (``build: compiled (Cython: cpu, layout, ...)``, ``build: pure (PTLAB_PURE=1)``, ...)."""
     from importlib import metadata
 
     try:
@@ -183,7 +184,9 @@ def version_text() -> str:
     except Exception:
         rev, dirty = None, None
     extra = f" (git {rev[:12]}{'+dirty' if dirty else ''})" if rev else ""
-    return f"ptlab {v}{extra}"
+    from ptlab.core.machine.build import build_info
+
+    return f"ptlab {v}{extra}\n{build_info().describe()}"
 
 
 # --- Ray's own output -----------------------------------------------------------------------

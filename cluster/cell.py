@@ -66,6 +66,46 @@ def _cpu_actor_class() -> Any:
     return CpuActor
 
 
+class CpuPool:
+    """CPU actors kept between the runs of one driver that runs cells one after another
+    (`ptlab check`): a run takes the actors it needs and gives them back when it completed;
+    a run that failed, was stopped by the watchdog or raised kills its actors as before, so a
+    stuck or half-attached process is never reused.  Starting a Ray actor is a new Python
+    process (seconds on a loaded 2-core host); a pooled one is ready at once.  Pooled actors
+    reserve no Ray CPUs: the runs that share them are sequential."""
+
+    def __init__(self) -> None:
+        self.idle: list[Any] = []
+
+    def take(self, n: int, node_id: str) -> list[Any]:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        CpuActor = _cpu_actor_class()
+        got, self.idle = self.idle[:n], self.idle[n:]
+        strat = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        got += [CpuActor.options(scheduling_strategy=strat, num_cpus=0).remote() for _ in range(n - len(got))]
+        return got
+
+    def give(self, actors: list[Any]) -> None:
+        self.idle.extend(actors)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.idle:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        self.idle = []
+
+    def __enter__(self) -> CpuPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def make_run_id(config: RunConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{config.strategy}-o{config.order}-{stamp}-{secrets.token_hex(3)}"
@@ -79,9 +119,11 @@ def run_cell(
     placement_group: Any = None,
     progress: Callable[[str, float], None] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    pool: CpuPool | None = None,
 ) -> Path | dict[str, Any]:
     """Run one cell and write ``out_dir/<run_id>.arrow``; returns its path (or, when out_dir is
-    None, the columns and metadata).  Raises RunFailed if a CPU died or Ray failed."""
+    None, the columns and metadata).  Raises RunFailed if a CPU died or Ray failed.  ``pool``:
+    take the CPU actors from it and give them back after a run that completed."""
     if config.backend == "virtual":
         return run_virtual_cell(config, out_dir, run_id=run_id, progress=progress, extra_meta=extra_meta)
     import ray
@@ -101,6 +143,7 @@ def run_cell(
     CpuActor = _cpu_actor_class()
     m = Machine.create(config, token=run_id.rsplit("-", 1)[-1])
     actors: list[Any] = []
+    completed = False
     try:
         driver = CpuContext(m, MAX_CPUS - 1, "app", config, capacity=1)
         m.ctl.store64(m.L.cpu(MAX_CPUS - 1) + CPU_PID, os.getpid())
@@ -110,7 +153,9 @@ def run_cell(
         say("starting CPUs", 0.05)
         # one Ray CPU per simulated CPU; oversubscribed runs share the node's CPUs (recorded)
         share = 1.0 if placement_group is not None else min(1.0, _node_cpus(ray, node_id) / n)
-        for i in range(n):
+        if pool is not None and placement_group is None:
+            actors = pool.take(n, node_id)
+        for i in range(n - len(actors)):
             if placement_group is not None:
                 strat = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
             else:
@@ -157,7 +202,7 @@ def run_cell(
             "t0_unix_ns": t0_unix_ns,
             "params": config.to_dict(),
             "host": _host(n, oversub, node_id),
-            "calibration": _calibration(),
+            "calibration": _calibration() if out_dir is not None else [],  # the dilation of a file kept
             "violations": _relative(violations, t0),
             "summary": _summary(cols, violations, results),
             "roles": roles,
@@ -167,13 +212,17 @@ def run_cell(
             "stopped": "violation" if stop == STOP_VIOLATION else "time",
             **(extra_meta or {}),
         }
+        completed = True
     finally:
         m.ctl.cas32(STOP, 0, STOP_FAILED)
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:
-                pass
+        if pool is not None and completed:
+            pool.give(actors)  # every CPU returned from run(): the processes are idle
+        else:
+            for a in actors:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
         m.close()
     if out_dir is None:
         return {"columns": cols, "meta": meta}
@@ -214,6 +263,7 @@ def run_virtual_cell(
         "clock": "virtual",
         "costs": {**table.to_dict(), "fitted": fitted, "charged": out["costs"]},
         "speed": out["speed"],
+        **({"placement": out["placement"]} if "placement" in out else {}),  # CPUs sharing cores
         "calibration": [],
         "violations": violations,
         "summary": _summary(cols, violations, results),
@@ -299,6 +349,9 @@ def _monitor(ray: Any, m: Machine, refs: list[Any], ref_cpu: dict[Any, int], rol
             else:
                 found.extend(checked)
                 checks += 1
+                if any(v["kind"] in config.stop_on for v in checked):  # the first catch ends the run
+                    m.ctl.cas32(STOP, 0, STOP_VIOLATION)
+                    m.ctl.futex_wake(STOP, 1 << 30)
                 parked_for = time.monotonic() - now
                 changed = [c + parked_for for c in changed]  # parking is not a lack of progress
                 now = time.monotonic()

@@ -10,14 +10,17 @@ round trip is the contract: explore finds a failing schedule, writes it as a sma
 violation and the same trace hash.
 
 Schedulers (``--scheduler``):
-  - ``random[:P[:Q[:L]]]`` (0.05, 0.5, 3): keep the running CPU, or with probability P switch to
+  - ``random[:P[:Q[:L[:H]]]]`` (0.05, 0.5, 3, 0): keep the running CPU, or with probability P switch to
     another runnable one — with probability Q instead where the CPU stands at a named point: a
     race point of a kernel path (``cpu.chaos(...)``, the points the process backend's
     ``--chaos`` widens and the stepper parks at), or busy on its own (``cpu.delay``: a device
     writing through a pin; an idle CPU).  A CPU preempted at a named point stays parked until
     the CPU switched to has passed 1..2L-1 of its own named points — the stepper's "park A
     here until B gets there" — but still takes the flush IPIs sent to it (interrupts are on);
-    the windows the model's authors marked are where a preemption is worth most;
+    the windows the model's authors marked are where a preemption is worth most.
+    With ``H`` (``random:P:Q:L:H``, default 0) a CPU preempted inside a marked window
+    (``HOLD_UNTIL``: a GUP-fast walk, IRQs off) is held with probability H until another CPU
+    passes the window's release point (a page table freed) — as a vCPU preempted by its host;
   - ``pct[:D]``: probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010), depth D:
     finds any bug of depth D with probability at least 1/(n k^(D-1)) per schedule (n CPUs, k
     steps) — the bound the coverage report prints.
@@ -78,21 +81,44 @@ EXPLORE_TAIL = 0.5  # the other CPUs go on for half as long again once the colla
 EXPLORE_PIN_HOLD_US = 1000  # a DMA pin held across a whole collapse (50 writes, 20 µs apart)
 DEFAULT_SCHEDULER = "random"
 DEFAULT_P, DEFAULT_Q, DEFAULT_PARK = 0.05, 0.5, 3.0
+# Windows where a CPU may be *held* (``random:P:Q:L:H``, H > 0): a named point -> the named points
+# of other CPUs that end the hold.  A GUP-fast walk that read a PMD has IRQs off until it is done
+# with the PTE table behind it (gup_fast_pte_range()); nothing but an IPI that waits for it
+# (tlb_remove_table_sync_one(), or an x86 flush IPI) keeps that table from being freed under it
+# by zap_huge_pmd() -> zap_deposited_table() -> pte_free() (2ba99c5e0881).  A vCPU preempted
+# there by the host stays in that window for as long as the host likes.
+_TABLE_FREED = ("zap_huge_pmd_after_pte_free",)
+HOLD_UNTIL: dict[str, tuple[str, ...]] = {
+    "gup_fast_after_pmd_read": _TABLE_FREED,
+    "gup_fast_after_pte_read": _TABLE_FREED,
+    "gup_fast_after_grab": _TABLE_FREED,
+}
 
 
 # ------------------------------------------------------------------------------------ schedulers
 class RandomPoints(Scheduler):
     """Seeded random walk: keep the running CPU, or switch to another runnable one with
     probability ``p`` — ``q`` where the running CPU stands at a named race point or is busy on
-    its own (the world's ``named[cpu]``, set by the scheduled CPU)."""
+    its own (the world's ``named[cpu]``, set by the scheduled CPU).
+
+    A CPU preempted at a named point is parked until the CPU switched to has passed 1..2L-1 of
+    its own named points.  With probability ``hold`` (0: never) a CPU preempted at a point of
+    a marked window (:data:`HOLD_UNTIL`) is *held* instead: parked until another CPU passes one
+    of the window's release points — a vCPU preempted by its host in the middle of a GUP-fast
+    walk while the rest of the machine goes on.  A held CPU runs only when no other CPU can (the
+    machine would otherwise stop: then the hold is over), or to take a flush IPI (interrupts
+    on).  With ``hold`` 0 the scheduler makes the very choices it made before holds existed."""
 
     name = "random"
 
-    def __init__(self, seed: int, p: float = DEFAULT_P, q: float = DEFAULT_Q, park: float = DEFAULT_PARK) -> None:
-        self.seed, self.p, self.q, self.park = seed, p, q, park
+    def __init__(self, seed: int, p: float = DEFAULT_P, q: float = DEFAULT_Q, park: float = DEFAULT_PARK,
+                 hold: float = 0.0) -> None:
+        self.seed, self.p, self.q, self.park, self.hold = seed, p, q, park, hold
         self.rng = random.Random(seed)
         self.world: Any = None
         self.until: dict[int, tuple[int, int]] = {}  # parked CPU -> (CPU it waits on, its named points to go)
+        self.held: dict[int, tuple[str, ...]] = {}  # held CPU -> the named points of others that end the hold
+        self.irq: set[int] = set()  # held CPUs picked to take a pending IPI (still held)
 
     def attach(self, world: Any) -> None:
         self.world = world
@@ -100,12 +126,24 @@ class RandomPoints(Scheduler):
     def start(self, nr_tasks: int) -> None:
         self.rng = random.Random(self.seed)
         self.until = {}
+        self.held = {}
+        self.irq = set()
 
     def pick(self, runnable: Sequence[int], current: int, step: int) -> int:
         rng = self.rng
         parked = self.until
+        held = self.held
         w = self.world
         at_point = w.named[current] if w is not None and current >= 0 else ""
+        if held and current >= 0:
+            if current in held:
+                if current not in self.irq:
+                    del held[current]  # it runs: no other CPU could, or the world ran it alone
+                elif at_point:
+                    self.irq.discard(current)  # back at its point, the IPI taken: held again
+            if at_point:  # another CPU passes a release point: the holds it ends are over
+                for t in [t for t, rel in held.items() if t != current and at_point in rel]:
+                    del held[t]
         if current >= 0:
             if at_point and parked:  # the CPU a parked one waits on passes a named point
                 for t in [t for t, (on, _) in parked.items() if on == current]:
@@ -114,30 +152,41 @@ class RandomPoints(Scheduler):
                         del parked[t]
                     else:
                         parked[t] = (on, n - 1)
-            if current in parked:
+            if current in parked or current in held:
                 if not at_point:
                     return current  # a parked CPU runs only its interrupt handler, to its end
             elif rng.random() >= (self.q if at_point else self.p):
                 return current
         others = [t for t in runnable if t != current] or list(runnable)
-        if parked:
+        if parked or held:
             tasks = w.tasks
             for t in [t for t, (on, _) in parked.items() if tasks[on].state == DONE]:
                 del parked[t]  # what it waited for will not come
             pending = w.ipi_pending
             # a parked CPU with a flush IPI pending is picked to take it (interrupts are on)
-            awake = [t for t in others if t not in parked or pending(t)] or others
+            awake = [t for t in others if (t not in parked and t not in held) or pending(t)]
+            if not awake and held:
+                awake = [t for t in others if t not in held]
+                if not awake and current >= 0 and current not in held and current not in parked:
+                    return current  # only held CPUs besides this one: it goes on
+            awake = awake or others
         else:
             awake = others
         nxt = awake[rng.randrange(len(awake))]
-        if current >= 0 and at_point and self.park and nxt != current and current not in parked:
-            # preempted at a named point until the CPU switched to passes 1..2*park-1 of its own
-            # named points: the stepper's "park A here until B reaches X"
-            parked[current] = (nxt, rng.randint(1, max(1, int(2 * self.park) - 1)))
+        if nxt in held and pending(nxt):
+            self.irq.add(nxt)
+        if current >= 0 and at_point and nxt != current and current not in parked and current not in held:
+            rel = HOLD_UNTIL.get(at_point) if self.hold else None
+            if rel is not None and rng.random() < self.hold:
+                held[current] = rel  # held until another CPU passes a release point
+            elif self.park:
+                # preempted at a named point until the CPU switched to passes 1..2*park-1 of its
+                # own named points: the stepper's "park A here until B reaches X"
+                parked[current] = (nxt, rng.randint(1, max(1, int(2 * self.park) - 1)))
         return nxt
 
     def describe(self) -> str:
-        return f"random:seed={self.seed},p={self.p:g},q={self.q:g},park={self.park:g}"
+        return f"random:seed={self.seed},p={self.p:g},q={self.q:g},park={self.park:g}" + (f",hold={self.hold:g}" if self.hold else "")
 
 
 class _LocalCounts:
@@ -260,14 +309,16 @@ def parse_scheduler(spec: str) -> tuple[str, tuple[float, ...]]:
     except ValueError:
         raise ConfigError(f"--scheduler {spec!r}: arguments must be numbers (random:P:Q, pct:DEPTH)") from None
     if name == "random":
-        if len(args) > 3 or any(not 0 <= a <= 1 for a in args[:2]) or (len(args) > 2 and args[2] < 0):
-            raise ConfigError(f"--scheduler {spec!r}: random takes two probabilities in 0..1 and a mean park length in steps (random:P:Q:L)")
+        if (len(args) > 4 or any(not 0 <= a <= 1 for a in args[:2]) or (len(args) > 2 and args[2] < 0)
+                or (len(args) > 3 and not 0 <= args[3] <= 1)):
+            raise ConfigError(f"--scheduler {spec!r}: random takes two probabilities in 0..1, a mean park length in named points "
+                              "and a hold probability in 0..1 (random:P:Q:L:H)")
         return name, args
     if name == "pct":
         if len(args) > 1 or (args and (args[0] != int(args[0]) or not 1 <= args[0] <= 10)):
             raise ConfigError(f"--scheduler {spec!r}: pct takes one depth, an integer 1..10 (pct:3)")
         return name, args
-    raise ConfigError(f"--scheduler {spec!r} is not a choice; choose random[:P[:Q]] or pct[:DEPTH]")
+    raise ConfigError(f"--scheduler {spec!r} is not a choice; choose random[:P[:Q[:L[:H]]]] or pct[:DEPTH]")
 
 
 def make_scheduler(spec: str, seed: int, k: int) -> Scheduler:
@@ -276,7 +327,7 @@ def make_scheduler(spec: str, seed: int, k: int) -> Scheduler:
     if name == "random":
         p = args[0] if args else DEFAULT_P
         q = args[1] if len(args) > 1 else max(p, DEFAULT_Q)
-        return RandomPoints(seed, p, q, args[2] if len(args) > 2 else DEFAULT_PARK)
+        return RandomPoints(seed, p, q, args[2] if len(args) > 2 else DEFAULT_PARK, args[3] if len(args) > 3 else 0.0)
     return PctScheduler(seed, int(args[0]) if args else 3, max(1, k))
 
 
@@ -877,13 +928,22 @@ def _host() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ the catalog
 # Where the process backend's cell (core/machine/mutants.py) is not what a scheduled search needs;
-# everything else runs with its cell's strategy, order, flush mode and CPUs.  A pin taken by
-# GUP after the collapse's reference check needs a GUP CPU standing between its PTE read and
-# its grab at that moment: two such CPUs, pinning more often (shorter holds), halve the
-# schedules to the first catch.
+# everything else runs with its cell's strategy, order, flush mode and CPUs (a "scheduler" key
+# is the plan's scheduler, the rest are run parameters).  A pin taken by GUP after the
+# collapse's reference check needs a GUP CPU standing between its PTE read and its grab at that
+# moment: two such CPUs, pinning more often (shorter holds), halve the schedules to the first
+# catch.  The two order-9 entries need a THP zapped whole (zap_huge_pmd(): the PMD left none,
+# the deposited table freed): with 8-page MADV_DONTNEEDs the zap CPU, asleep on mmap_lock
+# through the collapse, wakes to find the THP and splits it (__split_huge_pmd), so no whole zap
+# happens; MADV_DONTNEED of whole 2 MiB ranges (an allocator returning a chunk) does it.  Then
+# two faults meet in pmd_install() of the empty PMD by themselves; a GUP-fast walk still inside
+# the table the collapse deposits needs the hold (HOLD_UNTIL): half the preemptions inside the
+# walk last until another CPU frees a page table.
 EXPLORE_CELLS: dict[str, dict[str, Any]] = {
     "mutant-gup-fast-no-pte-recheck": {"cpus": {"app": 1, "gup-fast": 2, "khugepaged": 1}, "pin_hold_us": 200},
     "mutant-gup-slow-no-ptl": {"cpus": {"app": 1, "gup-slow": 2, "khugepaged": 1}, "pin_hold_us": 200},
+    "no-sync-ipi": {"zap_pages": 512, "scheduler": "random:0.05:0.5:3:0.5"},
+    "mutant-pmd-install-no-lock": {"zap_pages": 512},
 }
 
 
@@ -911,8 +971,10 @@ def catalog(names: Sequence[str] = ()) -> list[CatalogCase]:
         if key in seen or (names and label not in names):
             continue
         seen.add(key)
-        params = {**c.params(), "chaos": False, "pin_hold_us": EXPLORE_PIN_HOLD_US, **EXPLORE_CELLS.get(label, {})}
-        out.append(CatalogCase(label, Plan(RunConfig(**params), expect=tuple(c.expect))))
+        cell = dict(EXPLORE_CELLS.get(label, {}))
+        scheduler = str(cell.pop("scheduler", DEFAULT_SCHEDULER))
+        params = {**c.params(), "chaos": False, "pin_hold_us": EXPLORE_PIN_HOLD_US, **cell}
+        out.append(CatalogCase(label, Plan(RunConfig(**params), scheduler, expect=tuple(c.expect))))
     return out
 
 

@@ -225,6 +225,13 @@ def test_run_exit_codes(outcomes, rc, tmp_path, monkeypatch, capsys):
 # --- real runs, as a user starts them (subprocesses, an embedded Ray) ---------------------------
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so that Python installs its Ctrl-C
+    handler.  A suite started in the background by a non-interactive shell (`make test &`)
+    inherits SIGINT ignored, exec keeps that, and the run would not see its Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "80",
             "PTLAB_TEST_RAY_IP": os.environ.get("PTLAB_TEST_RAY_IP", "127.0.0.2")}
@@ -308,7 +315,7 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
     processes are gone."""
     proc = subprocess.Popen([*PTLAB, *SHORT_RUN[:-3], "--duration", "30", "--no-compare", "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
     try:
         pids = _wait_for_running_cpus(proc, _cfg())
         os.killpg(proc.pid, signal.SIGINT)

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from ptlab.cli.main import main
 from ptlab.cluster.explore import (
+    HOLD_UNTIL,
     Plan,
     PreemptionScheduler,
     RandomPoints,
     Recording,
     ReplayFile,
+    catalog,
     decode_decisions,
     encode_decisions,
     explore,
+    first_catch,
     judge,
     make_scheduler,
     pct_bound,
@@ -192,6 +196,105 @@ def test_random_points_prefers_named_points() -> None:
     assert all(s.pick([0, 1, 2], 0, i) != 0 for i in range(50))  # q = 1: always
 
 
+class _Task:
+    state = 0  # not DONE
+
+
+class _World:
+    """What RandomPoints reads of a world: the named point of each CPU, the tasks, IPIs."""
+
+    def __init__(self, n: int) -> None:
+        self.named = [""] * n
+        self.tasks = [_Task() for _ in range(n)]
+        self.pending: set[int] = set()
+
+    def ipi_pending(self, t: int) -> bool:
+        return t in self.pending
+
+
+def test_a_held_cpu_waits_for_its_release_point() -> None:
+    """Preempted inside a GUP-fast walk with H = 1, CPU 0 is held: it does not run while
+    another CPU can, however often they switch, until another CPU passes the release point
+    (a page table freed); with H = 0 the same preemption is an ordinary short park."""
+    point, release = "gup_fast_after_pmd_read", HOLD_UNTIL["gup_fast_after_pmd_read"][0]
+    w = _World(3)
+    s = RandomPoints(7, p=1.0, q=1.0, park=3, hold=1.0)
+    s.attach(w)
+    s.start(3)
+    w.named[0] = point
+    cur = s.pick([0, 1, 2], 0, 0)
+    assert cur != 0 and 0 in s.held
+    w.named[0] = ""
+    for i in range(200):  # p = 1: CPUs 1 and 2 switch at every point, never to CPU 0
+        w.named[cur] = "fault_after_pte_read" if i % 3 else ""
+        nxt = s.pick([0, 1, 2], cur, i)
+        w.named[cur] = ""
+        assert nxt != 0
+        cur = nxt
+    w.pending.add(0)  # a flush IPI for CPU 0 (interrupts on): it is picked to take it, still held
+    assert s.pick([0, 1, 2], cur, 201) == 0 and 0 in s.held
+    w.pending.clear()
+    w.named[0] = point  # back at its point, the handler done: it is switched away again
+    assert s.pick([0, 1, 2], 0, 202) != 0 and 0 in s.held
+    w.named[0] = ""
+    other = 1 if cur != 1 else 2
+    w.named[other] = release
+    s.pick([0, 1, 2], other, 203)
+    assert 0 not in s.held  # another CPU freed a page table: the hold is over
+    # only held CPUs besides the running one: it goes on; the running one blocked: a held CPU
+    # runs (nothing else can), and running ends its hold
+    s.held[0] = (release,)
+    w.named[1] = "fault_after_pte_read"
+    assert s.pick([0, 1], 1, 204) == 1
+    w.named[1] = ""
+    assert s.pick([0], -1, 205) == 0
+    s.pick([0, 1], 0, 206)
+    assert 0 not in s.held
+    # H = 0: no hold, the short park of the default scheduler
+    s0 = RandomPoints(7, p=1.0, q=1.0, park=3)
+    s0.attach(w)
+    s0.start(3)
+    w.named[0] = point
+    assert s0.pick([0, 1, 2], 0, 0) != 0 and not s0.held and 0 in s0.until
+
+
+# ------------------------------------------------------------------------------ the catalog's hard two
+# Both need a THP zapped whole (zap_huge_pmd) in a schedule (cluster/explore.py EXPLORE_CELLS);
+# no-sync-ipi also a GUP-fast walk held inside the table the collapse deposits until the zap
+# frees it.  Schedules to the first catch are deterministic: these budgets cannot flake.
+HARD = {"no-sync-ipi": 600, "mutant-pmd-install-no-lock": 600}
+
+
+@pytest.mark.parametrize("base", [0, 100_000])
+@pytest.mark.parametrize("name", sorted(HARD))
+def test_catalog_catches_the_order_9_pair_and_the_catch_replays(name: str, base: int) -> None:
+    (case,) = catalog([name])
+    res = first_catch(case.plan.to_dict(), base, HARD[name])
+    assert res["n"] is not None and res["kind"] in case.plan.expect, res
+    seed = base + res["n"] - 1
+    ex = explore(case.plan, 1, seed, stop_on="caught")
+    assert ex.stop is not None and ex.stop["kind"] == res["kind"]
+    rf = replay_file_for(case.plan, seed)
+    assert rf.trace_hash == ex.stop["trace_hash"]
+    r = rf.run()  # from the decision list alone
+    assert r.trace_hash == ex.stop["trace_hash"] and judge(case.plan, r).kind == res["kind"]
+
+
+def test_the_order_9_pair_needs_its_cell() -> None:
+    """The variants that make the catches fail: the schedules that catch no-sync-ipi from base
+    seed 0 catch nothing with 8-page zaps (the THP is split, never zapped whole) or without the
+    hold (no walk stays in the table until it is freed); and the same cell without the bug
+    (tlb_remove_table_sync_one() waits for the held walk) is clean."""
+    (case,) = catalog(["no-sync-ipi"])
+    n = first_catch(case.plan.to_dict(), 0, HARD["no-sync-ipi"])["n"]
+    assert n is not None
+    cfg = case.plan.config
+    for plan in (replace(case.plan, config=cfg.replace(zap_pages=8)), replace(case.plan, scheduler="random")):
+        assert explore(plan, n, 0, stop_on="caught").stop is None
+    safe = replace(case.plan, config=cfg.replace(inject_bugs=(), unsafe=False), expect=())
+    assert explore(safe, n, 0).stop is None
+
+
 # ------------------------------------------------------------------------------ the command line
 def test_cli_explore_finds_replays_and_writes_the_trace(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
@@ -232,6 +335,9 @@ BAD = [
     (["--scheduler", "nope"], "--scheduler"),
     (["--scheduler", "random:2"], "--scheduler"),
     (["--scheduler", "pct:x"], "--scheduler"),
+    (["--scheduler", "random:0.05:0.5:3:2"], "--scheduler"),
+    (["--zap-pages", "0"], "--zap-pages"),
+    (["--zap-pages", "513"], "--zap-pages"),
     (["--depth", "0"], "--depth"),
     (["--ops", "app"], "--ops"),
     (["--ops", "nope=3"], "--ops"),

@@ -35,12 +35,17 @@ def run(tmp_path: Path, **kw) -> tuple[dict, object]:
 def test_safe_strategy_collapses_cleanly(tmp_path, strategy, order, flush):
     if order == 9 and strategy != "pmd-clear":
         pytest.skip("order 9 is pmd-clear only (RunConfig refuses it for the PTE-level strategies)")
-    meta, df = run(tmp_path, strategy=strategy, order=order, flush=flush, duration_s=2.0, cpus={"app": 1, "gup-fast": 1, "khugepaged": 1})
-    ok = int(((df.op == "collapse") & (df.result == "SCAN_SUCCEED")).sum())
-    assert ok >= 20, meta["summary"]
-    assert meta["violations"] == [], meta["violations"][:3]
-    # the GUP CPU really pinned pages during the run
-    assert (df.op == "dma").sum() > 0
+    # clean over at least 20 successful collapses with pins beside them: 2 s runs (each one
+    # clean) until that much has happened, however slowly a loaded host lets them go
+    ok = dma = 0
+    for seed in range(15):
+        meta, df = run(tmp_path, strategy=strategy, order=order, flush=flush, duration_s=2.0, seed=seed, cpus={"app": 1, "gup-fast": 1, "khugepaged": 1})
+        assert meta["violations"] == [], meta["violations"][:3]
+        ok += int(((df.op == "collapse") & (df.result == "SCAN_SUCCEED")).sum())
+        dma += int((df.op == "dma").sum())  # the GUP CPU really pinned pages
+        if ok >= 20 and dma:
+            break
+    assert ok >= 20 and dma, meta["summary"]
 
 
 # The real-backend set: the bugs whose catch on this 2-core machine is fast and certain — an app
@@ -55,9 +60,12 @@ BUG_CASES = [c for c in check_cases() if len(c.bugs) == 1 and c.bugs[0] in REAL_
 
 @pytest.mark.parametrize("case", BUG_CASES, ids=lambda c: c.label)
 def test_injected_bug_is_caught_with_its_kind(tmp_path, case):
-    meta, _ = run(tmp_path, duration_s=4.0, **case.params())
+    """As `ptlab check` runs a bug cell: until its first catch of an expected kind
+    (``stop_on``), within a budget of 30 s."""
+    meta, _ = run(tmp_path, duration_s=30.0, stop_on=tuple(case.expect), **case.params())
     ok, observed = verdict(case, meta["summary"]["violation_kinds"])
     assert ok, f"{case.label}: {observed}; expected one of {case.expect}"
+    assert meta["stopped"] == "violation" and meta["params"]["stop_on"] == list(case.expect)
     v = meta["violations"]
     assert all(x["kind"] and x["phase"] for x in v)
     assert {x["strategy"] for x in v} == {case.strategy}

@@ -328,8 +328,11 @@ def test_ctrl_c_keeps_finished_cells_cleans_shm_and_resume_finishes(tmp_path):
             "--khugepaged", "0", "--duration", "2", "--warmup", "0", "--out", str(out)]  # fmt: skip
     ids = _all_ids()
     # its own session, as a terminal's Ctrl-C reaches the whole foreground process group
+    # SIGINT back to its default in the child: a suite started in the background inherits it
+    # ignored, and the sweep would never see its Ctrl-C
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)  # fmt: skip
+                            env=_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -61,7 +61,7 @@ CHECKSUM_SINCE = 2  # files of this schema version and newer must carry a checks
 METADATA_KEYS = (
     "schema_version", "run_id", "kind", "started_at", "t0_unix_ns", "params", "host",
     "calibration", "violations", "summary", "roles", "cpu_stats", "access_sample",
-    "quiescent_checks", "stopped", "runs", "clock", "costs", "speed", "schedule",
+    "quiescent_checks", "stopped", "runs", "clock", "costs", "speed", "schedule", "build", "placement",
 )
 
 # Event columns, in file order.  Strings are dictionary-encoded (few distinct values).
@@ -190,6 +190,10 @@ def build_table(columns: Mapping[str, Any], meta: Mapping[str, Any]) -> pa.Table
             arrays.append(arr.dictionary_encode().cast(f.type))
         else:
             arrays.append(pa.array(np.asarray(values), type=f.type))
+    if "build" not in meta:  # which build of the hot paths wrote it (core/machine/build.py)
+        from ptlab.core.machine.build import build_info
+
+        meta = {**meta, "build": build_info().build}
     schema = EVENT_SCHEMA.with_metadata({METADATA_KEY: encode_meta(meta)})
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -659,6 +659,23 @@ class SchedRegion:
     def find_not64(self, off: int, n: int, pattern: int) -> int:
         return self.r.find_not64(off, n, pattern)
 
+    # batches (Region.copy_pages, fetch_add32_each, get_and_clear64): the very calls they batch, in order,
+    # so a batched kernel path has the schedule space of its per-page loop
+    def copy_pages(self, dst: int, srcs: Any, page_size: int) -> None:
+        for j, src in enumerate(srcs.tolist()):
+            if src < 0:
+                self.fill64(dst + j * page_size, page_size // 8, 0)  # clear_page()
+            else:
+                self.copy(dst + j * page_size, src, page_size)  # copy_page()
+
+    def fetch_add32_each(self, offs: Any, deltas: Any) -> None:
+        for off, d in zip(offs.tolist(), deltas.tolist()):
+            self.fetch_add32(off, d)
+
+    def get_and_clear64(self, off: int, out: Any) -> None:
+        for j in range(len(out)):
+            out[j] = self.xchg64(off + 8 * j, 0)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.r, name)
 

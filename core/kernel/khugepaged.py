@@ -55,6 +55,7 @@ class Collapse:
     mapped: int = -1  # entries mapping the new folio after install_ptes() (-1: not reported)
     vma_held: str = ""  # what vma_stable_lock() holds: "mmap" (mmap_lock read), "vma", or ""
     phase_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    _holes: tuple[np.ndarray, np.ndarray] | None = None  # (PTE snapshot, its holes()): once per snapshot
     _t: int = 0
     _phase: str = ""
 
@@ -172,6 +173,13 @@ class Collapse:
             self.m.vma_locks[VMA_COLLAPSE].vma_end_read(self.cpu)
         self.vma_held = ""
 
+    def holes(self, ptes: np.ndarray) -> np.ndarray:
+        """pte_none() || is_zero_pfn() per entry of a PTE snapshot (Machine.pte_none_or_zero),
+        worked out once per snapshot: isolate, copy and the rmap updates ask about the same one."""
+        if self._holes is None or self._holes[0] is not ptes:
+            self._holes = (ptes, self.m.pte_none_or_zero(ptes))
+        return self._holes[1]
+
     def read_ptes(self) -> np.ndarray:
         """A copy of the range's PTEs (int64 array), read under the PTL by the caller."""
         return self.m.ptes_range(self.t, self.first, self.nr)
@@ -186,7 +194,7 @@ class Collapse:
         change to a shared count is atomic."""
         m, cpu = self.m, self.cpu
         max_none = cpu.config.max_ptes_none >> (HPAGE_PMD_ORDER - self.order)
-        none = m.pte_none_or_zero(ptes)  # a zero-page PTE counts as none: no folio behind it
+        none = self.holes(ptes)  # a zero-page PTE counts as none: no folio behind it
         if int(none.sum()) > max_none:
             return "SCAN_EXCEED_NONE_PTE"
         present = ptes[~none]
@@ -213,9 +221,7 @@ class Collapse:
             return "SCAN_DEL_PAGE_LRU"
         # folio_isolate_lru(): the flags of a folio we hold locked change only under its lock
         m.f["flags"][h] = (m.f["flags"][h] & ~PG_LRU) | PG_ISOLATED
-        ref = m.off["refcount"]
-        for head in heads:
-            m.folio.fetch_add32(ref + head * 4, 1)
+        m.folio_counts_add(h, np.ones(len(h), dtype=np.int64), ("refcount",))  # folio_get() each
         return "SCAN_SUCCEED"
 
     def refs_unexpected(self) -> bool:
@@ -246,19 +252,19 @@ class Collapse:
     def copy(self, ptes: np.ndarray) -> None:
         """__collapse_huge_page_copy(): copy every mapped page, clear every hole — a none or
         zero-page PTE (clear_user_highpage).  Interrupts stay on (a flush IPI is taken between
-        pages); ``collapse_mid_copy`` is a park point halfway through."""
+        pages); ``collapse_mid_copy`` is a park point halfway through.  The pages between two of
+        those points are copied in one call (Machine.copy_pages: the same copies, in order)."""
         m, cpu = self.m, self.cpu
-        hole = m.pte_none_or_zero(ptes).tolist()
-        half = len(hole) // 2
-        cpu.charge("collapse_page_rest", len(hole))  # per-page work besides the copy itself
-        for j, pte in enumerate(ptes.tolist()):
-            if j == half:
+        nr = len(ptes)
+        half = nr // 2
+        cpu.charge("collapse_page_rest", nr)  # per-page work besides the copy itself
+        srcs = np.where(self.holes(ptes), -1, (ptes >> 12) * m.page_size)  # source frames' offsets
+        cuts = sorted({0, half, nr, *range(16, nr, 16)})
+        for a, b in zip(cuts, cuts[1:]):
+            if a == half:
                 cpu.chaos("collapse_mid_copy")
-            if hole[j]:
-                m.clear_page(self.target + j)
-            else:
-                m.copy_page(self.target + j, pte >> 12)
-            if j & 15 == 15:
+            m.copy_pages(self.target + a, srcs[a:b])
+            if b & 15 == 0:  # after every 16th page
                 cpu.interrupt_point()
         cpu.chaos("collapse_after_copy")
 
@@ -286,13 +292,10 @@ class Collapse:
         mappings' references drop by the number of PTEs; the isolation reference keeps each
         folio alive (zero-page PTEs map no folio).  Returns (head, nr) pairs."""
         m = self.m
-        present = ptes[~m.pte_none_or_zero(ptes)]
+        present = ptes[~self.holes(ptes)]
         heads, counts = np.unique(m.f["head"][present >> 12], return_counts=True)
-        out = list(zip(heads.tolist(), counts.tolist()))
-        for head, k in out:
-            m.folio_mapcount_add(head, -k)
-            m.folio_ref_add(head, -k)
-        return out
+        m.folio_counts_add(heads, -counts, ("mapcount", "refcount"))
+        return list(zip(heads.tolist(), counts.tolist()))
 
     def add_rmaps(self, ptes: np.ndarray) -> None:
         """remove_migration_ptes(src, src) on back-off: folio_get() + folio_add_anon_rmap_pte()
@@ -302,17 +305,14 @@ class Collapse:
             return
         m = self.m
         heads, counts = np.unique(m.f["head"][ptes >> 12], return_counts=True)
-        for head, k in zip(heads.tolist(), counts.tolist()):
-            m.folio_ref_add(head, k)
-            m.folio_mapcount_add(head, k)
+        m.folio_counts_add(heads, counts, ("refcount", "mapcount"))
 
     def release_old(self) -> None:
         """After the new folio is in: unlock every old folio (waking migration waiters) and drop
         the isolation reference, which frees it."""
         m, cpu = self.m, self.cpu
-        flags = m.f["flags"]
         for head in self.heads:
-            flags[head] &= ~PG_ISOLATED
+            m.folio_clear_flag_locked(head, PG_ISOLATED)
             m.folio_locks.folio_unlock(cpu, head)
             m.folio_put(cpu, head)
         self.heads.clear()

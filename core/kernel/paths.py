@@ -210,8 +210,7 @@ def zap_epoch(cpu: CpuContext, start: int, nr: int) -> None:
     page mapped after the clear is read with the first move already made."""
     if "mutant-zap-no-epoch-bump" in cpu.bugs:
         return
-    for j in range(nr):
-        cpu.m.bump_epoch(start + j)
+    cpu.m.bump_epochs(start, nr)  # one call for the range, page by page
 
 
 def zap_completed_since(epoch: int, since: int) -> bool:
@@ -554,6 +553,7 @@ def zap_huge_pmd(cpu: CpuContext, i: int) -> int:
         zap_epoch(cpu, start, PTRS_PER_PTE)  # the oracle: in flight, before a refault can map a page
         t = m.pgtable_trans_huge_withdraw(i)
         m.pte_free(cpu, t)
+        cpu.chaos("zap_huge_pmd_after_pte_free")  # the deposited table is back in the allocator
     finally:
         m.pmd_lock.unlock(cpu)
     cpu.flush_tlb_range(start, start + PTRS_PER_PTE)
@@ -592,8 +592,8 @@ def zap_range(cpu: CpuContext, start: int, nr: int, lock_mm: bool = True) -> int
             if m.pmdp_get(i) != pmd:
                 return 0
             flush = False
-            for j in range(nr):
-                old = m.ptep_get_and_clear(t, first + j)
+            # ptep_get_and_clear() of every entry, in one call (the same exchanges, in order)
+            for old in m.ptep_get_and_clear_range(t, first, nr).tolist():
                 if old & _PRESENT:
                     flush = True
                     if not m.is_zero_pfn(old >> PFN_SHIFT):  # vm_normal_page(): no folio behind it

@@ -61,6 +61,9 @@ from ptlab.core.machine.layout import (
     READY,
     ST_DONE,
     STOP,
+    STOP_FAILED,
+    STOP_VIOLATION,
+    STOP_WATCHDOG,
     T0,
     pmd_trans_huge,
 )
@@ -73,11 +76,22 @@ OTHER_VMA_RATE = 0.1  # app: share of accesses that go to the other VMA
 WRITE_RATE = 0.5
 IDLE_NS = 1_000_000  # khugepaged between passes with nothing to do; zap between zaps
 TARGET_POLL_NS = 20_000  # a GUP CPU with stress_target=collapse, between looks for a collapse
+# A targeted pin is held at least pin_hold_us and until the collapse it was aimed at is over
+# (at most this long): a missing reference check shows only if the pin outlives the copy, and
+# on a loaded host the collapse's flush alone can wait milliseconds for its targets to run.
+# Holding exactly that long instead of a fixed worst case lets the GUP CPU aim at many more
+# collapses per second.
+TARGET_HOLD_MAX_NS = 100_000_000
+# A targeted GUP-slow walk that has read a PTE of the range being collapsed lingers before its
+# grab, half the time, until that collapse has checked references (at most this long), as a
+# vCPU preempted by its host mid-walk would: under the PTL this holds the collapse off (bounded),
+# without it the grab comes after the reference check.  A chaos delay alone cannot span the
+# collapse's flush, which waits milliseconds for its targets on a loaded 2-core host.
+LINGER_MAX_NS = 20_000_000
 REFCHECK_PHASE = PHASES.index("refcheck") + 1  # as published in COLLAPSE_PHASE
 COPY_PHASE = PHASES.index("copy") + 1
 MMAP_GAP_NS = 200_000  # mmap role: between mmap/mprotect/munmap cycles
 
-STOP_WATCHDOG, STOP_FAILED, STOP_VIOLATION = 2, 3, 4  # STOP values (1 is not used: the end is time-based)
 
 
 def run_cpu(prefix: str, config: RunConfig, cpu_id: int, role: str, seed: int, pin_core: int | None) -> dict[str, Any]:
@@ -288,10 +302,22 @@ class Gup(Role):
         self.word = DMA_WORD + cpu.id
         self.held: int = -1
         self.targeted = self.config.stress_target == "collapse"
+        if self.targeted and not self.fast:
+            cpu.hooks["gup_slow_after_pte_read"] = self._linger
+
+    def _linger(self) -> None:
+        cpu, ctl = self.cpu, self.m.ctl
+        start = ctl.load64(COLLAPSE_START) - 1
+        if start < 0 or self.rng.random() < 0.5:
+            return
+        until = cpu.now() + LINGER_MAX_NS
+        while ctl.load32(COLLAPSE_PHASE) < COPY_PHASE and ctl.load64(COLLAPSE_START) - 1 == start and cpu.now() < until:
+            cpu.delay(2_000)
 
     def step(self) -> None:
         cpu, m = self.cpu, self.m
         vpn = self.vma0[0] + self.pick0()
+        start = -1
         if self.targeted:  # stress for `ptlab check`: pin a page of the range being collapsed
             start = m.ctl.load64(COLLAPSE_START) - 1
             if start < 0:
@@ -323,14 +349,16 @@ class Gup(Role):
             cpu.violation("use_after_free", page=vpn, detail=f"CPU {cpu.id} pinned page {vpn} (pfn {pfn}) and found the free poison")
         elif last is not None and v != last[0] and not (v == 0 and (m.epoch(vpn) != last[1] or last[1] & 1)):
             cpu.violation("lost_dma_write", page=vpn, detail=f"DMA word of CPU {cpu.id} on page {vpn} holds {v:#x}, expected {last[0]:#x}")
-        hold_until = cpu.now() + self.config.pin_hold_us * 1000
+        t_pin = cpu.now()
+        hold_until = t_pin + self.config.pin_hold_us * 1000
         while True:  # the device writes through the pinned page, not through the page table
             self.oracle.seq += 1
             v = vpn << 32 | (self.oracle.seq & 0xFFFFFFFF)
             m.frames.store64(off, v)
-            if cpu.now() >= hold_until:
+            t = cpu.now()
+            if t >= hold_until and (start < 0 or m.ctl.load64(COLLAPSE_START) - 1 != start or t - t_pin >= TARGET_HOLD_MAX_NS):
                 break
-            cpu.delay(20_000)
+            cpu.io_wait(20_000)  # the device's next write: the pinning thread waits for the I/O
         self.held = -1
         m.unpin_folio(cpu, head)
         self.oracle.dma[vpn] = (v, epoch)

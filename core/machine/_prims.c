@@ -14,6 +14,9 @@
  *   spin_lock/spin_trylock/spin_unlock   test-and-test-and-set; the spin loop returns to the
  *                           caller when an IPI is pending so that it can be serviced
  *   copy/fill64/find_not64  memcpy between frames, poisoning and poison checks
+ *   copy_pages, fetch_add32_each, get_and_clear64   a batch of page copies/clears, of atomic
+ *                           adds, of exchanges with 0 (the same
+ *                           operations in the same order as the per-page calls they batch)
  *
  * A bad offset (negative, past the end) raises IndexError and a misaligned one ValueError: a
  * simulated kernel bug must show up as an oracle report, never as a segfault of the host.
@@ -23,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -340,6 +344,8 @@ static PyObject *R_futex_wake(RegionObject *self, PyObject *const *args, Py_ssiz
     return PyLong_FromLong(r);
 }
 
+static int64_t spin_acquire(int32_t *lock, int32_t me, int32_t *ipi, int64_t budget);
+
 /* spin_lock(off, me, ipi_off, budget_ns) on a 32-bit lock word (0 = free, else owner id).
  * Returns ns spun (>= 0, 0 when the first try won) once acquired.  Returns -(1 + ns spun) without
  * the lock when the 32-bit word at ipi_off turns non-zero (an IPI to service: interrupts are on
@@ -363,25 +369,8 @@ static PyObject *R_spin_lock(RegionObject *self, PyObject *const *args, Py_ssize
     int32_t zero = 0;
     if (__atomic_compare_exchange_n(lock, &zero, (int32_t)me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return PyLong_FromLong(0);
-    int64_t t0 = mono_ns(), now = t0;
-    unsigned iter = 0;
-    for (;;) {
-        if (__atomic_load_n(lock, __ATOMIC_RELAXED) == 0) {
-            zero = 0;
-            if (__atomic_compare_exchange_n(lock, &zero, (int32_t)me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-                now = mono_ns();
-                return PyLong_FromLongLong(now - t0 > 0 ? now - t0 : 1);
-            }
-        }
-        if (ipi && __atomic_load_n(ipi, __ATOMIC_ACQUIRE) != 0)
-            return PyLong_FromLongLong(-1 - (mono_ns() - t0));
-        cpu_relax();
-        if ((++iter & 255) == 0) {
-            now = mono_ns();
-            if (now - t0 >= budget)
-                return PyLong_FromLongLong(-1 - (now - t0));
-        }
-    }
+    int64_t spun = spin_acquire(lock, (int32_t)me, ipi, budget);
+    return PyLong_FromLongLong(spun);
 }
 
 static PyObject *R_spin_trylock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -471,6 +460,131 @@ static PyObject *R_find_not64(RegionObject *self, PyObject *const *args, Py_ssiz
 }
 
 
+/* An int64 C-contiguous buffer (a numpy int64 array) as (pointer, count); release with PyBuffer_Release. */
+static int i64_buffer(PyObject *o, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != 8 || !view->format || (strcmp(view->format, "q") && strcmp(view->format, "l") &&
+                                                 strcmp(view->format, "<q") && strcmp(view->format, "<l") &&
+                                                 strcmp(view->format, "=q") && strcmp(view->format, "=l"))) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int64 array", what);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* copy_pages(dst_off, srcs, page_size): page j of the destination range (dst_off + j * page_size)
+ * gets a memcpy of the page at byte offset srcs[j], or is cleared when srcs[j] < 0 -- in order,
+ * exactly as len(srcs) calls of copy(dst, src, page_size) / fill64(dst, page_size / 8, 0) would
+ * (the scheduled backend's SchedRegion runs it as those calls).  srcs: an int64 array. */
+static PyObject *R_copy_pages(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(3, "copy_pages");
+    int64_t d, ps;
+    if (get_i64(args[0], &d) || get_i64(args[2], &ps))
+        return NULL;
+    if (ps <= 0 || ps % 8) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be a positive multiple of 8");
+        return NULL;
+    }
+    Py_buffer v;
+    if (i64_buffer(args[1], &v, "srcs") < 0)
+        return NULL;
+    const int64_t *srcs = v.buf;
+    Py_ssize_t n = v.len / 8;
+    if (!range_at(self, d, n * ps, 8)) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (srcs[j] >= 0 && !range_at(self, srcs[j], ps, 1)) {
+            PyBuffer_Release(&v);
+            return NULL;
+        }
+    }
+    char *base = self->base;
+    int release = n * ps >= (1 << 20); /* a 16-page batch (64 KiB, a few us) keeps the GIL: handing it
+                                          * over per batch costs more than the copy */
+    PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        char *dp = base + d + j * ps;
+        if (srcs[j] < 0)
+            memset(dp, 0, ps);
+        else
+            memmove(dp, base + srcs[j], ps);
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    if (release)
+        PyEval_RestoreThread(ts);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* fetch_add32_each(offs, deltas): fetch_add32(offs[i], deltas[i]) for every i, in order (the
+ * rmap and refcount updates over a batch of folios).  Two int64 arrays of one length; the
+ * scheduled backend's SchedRegion runs it as that many fetch_add32 calls. */
+static PyObject *R_fetch_add32_each(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(2, "fetch_add32_each");
+    Py_buffer vo, vd;
+    if (i64_buffer(args[0], &vo, "offs") < 0)
+        return NULL;
+    if (i64_buffer(args[1], &vd, "deltas") < 0) {
+        PyBuffer_Release(&vo);
+        return NULL;
+    }
+    PyObject *res = NULL;
+    const int64_t *offs = vo.buf, *ds = vd.buf;
+    Py_ssize_t n = vo.len / 8;
+    if (vd.len != vo.len) {
+        PyErr_SetString(PyExc_ValueError, "offs and deltas differ in length");
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!range_at(self, offs[i], 4, 4))
+            goto out;
+    for (Py_ssize_t i = 0; i < n; i++)
+        __atomic_fetch_add((int32_t *)(self->base + offs[i]), (int32_t)ds[i], __ATOMIC_ACQ_REL);
+    res = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&vo);
+    PyBuffer_Release(&vd);
+    return res;
+}
+
+
+/* get_and_clear64(off, out): out[j] = xchg64(off + 8 * j, 0) for every j of the int64 array out,
+ * in order (ptep_get_and_clear() over a range of PTEs); the scheduled backend's SchedRegion runs
+ * it as that many xchg64 calls. */
+static PyObject *R_get_and_clear64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(2, "get_and_clear64");
+    int64_t off;
+    if (get_i64(args[0], &off))
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (v.itemsize != 8 || !v.format || !strchr("qlQL", v.format[strlen(v.format) - 1])) {
+        PyErr_SetString(PyExc_TypeError, "out must be a writable int64 array");
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    Py_ssize_t n = v.len / 8;
+    int64_t *p = range_at(self, off, n * 8, 8);
+    if (!p) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    int64_t *out = v.buf;
+    for (Py_ssize_t j = 0; j < n; j++)
+        out[j] = __atomic_exchange_n(p + j, 0, __ATOMIC_ACQ_REL);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
 /* put_row(row, v0, ..., vk): store k+1 int64 values at row * (k+1) * 8 (an event-buffer row).
  * Plain stores: event buffers are private to their process. */
 static PyObject *R_put_row(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -526,6 +640,12 @@ static PyMethodDef Region_methods[] = {
     {"fill64", (PyCFunction)(void (*)(void))R_fill64, METH_FASTCALL, "fill64(off, nwords, pattern)"},
     {"find_not64", (PyCFunction)(void (*)(void))R_find_not64, METH_FASTCALL,
      "find_not64(off, nwords, pattern) -> first differing index or -1"},
+    {"copy_pages", (PyCFunction)(void (*)(void))R_copy_pages, METH_FASTCALL,
+     "copy_pages(dst_off, srcs, page_size): page j <- srcs[j] (memcpy), or cleared when srcs[j] < 0"},
+    {"fetch_add32_each", (PyCFunction)(void (*)(void))R_fetch_add32_each, METH_FASTCALL,
+     "fetch_add32_each(offs, deltas): fetch_add32(offs[i], deltas[i]) in order"},
+    {"get_and_clear64", (PyCFunction)(void (*)(void))R_get_and_clear64, METH_FASTCALL,
+     "get_and_clear64(off, out): out[j] = xchg64(off + 8j, 0), in order"},
     {"put_row", (PyCFunction)(void (*)(void))R_put_row, METH_FASTCALL, "put_row(row, v0, ..., vk): store an event row"},
     {"close", (PyCFunction)Region_close, METH_NOARGS, "release the buffer"},
     {NULL, NULL, 0, NULL},
@@ -549,6 +669,728 @@ static PyTypeObject RegionType = {
     .tp_getset = Region_getset,
     .tp_repr = (reprfunc)Region_repr,
 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* Locks in one C call: CpuBase, SpinLockBase, RwSemBase, FolioLocksBase, VmaLockBase         */
+/*
+ * core/machine/locks.py's SpinLock, RwSem and FolioLocks subclass these.  Each lock operation is
+ * one call: on the uncontended path the whole operation (the atomic, the owner tag, the readers
+ * mask, the "last reader -> wake?" decision) runs here, on the process backend's real Region,
+ * for a CPU whose context is a CpuBase (core/machine/cpu.py CpuContext).  A contended spin also
+ * spins here (the IPI check inside the loop, as Region.spin_lock) and, when it wins without an
+ * interruption, does its accounting here too.  Everything else calls back into Python:
+ *   - a sleep or an interrupted spin: the subclass's slow path (_slow, _wait, _folio_lock_slow),
+ *   - a release with sleepers: its wake (_wake_sleepers, _wake_waiters, _wake_writer: the lost wake-up
+ *     check's "wake done" marks and the wake mutants live there),
+ *   - any other region (the scheduled backend's SchedRegion, which makes every word operation a
+ *     scheduling point) or CPU object: the subclass's _py_<op>, the same operation written with
+ *     Region calls, so the deterministic backend's schedule space is the one it always had.
+ * The C fast path and _py_<op> are the same sequence of word operations (tests/test_locks.py
+ * checks they leave the same words behind).
+ */
+
+typedef struct {
+    PyObject_HEAD
+    int id;
+    int owner_tag;
+    Py_ssize_t ipi_flag_off;
+    long long spin_ns;
+    long long sleep_ns;
+    long long wait_max;
+    PyObject *wait_kind;
+} CpuBaseObject;
+
+static PyTypeObject CpuBaseType;
+
+static void CpuBase_dealloc(CpuBaseObject *self)
+{
+    Py_CLEAR(self->wait_kind);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef CpuBase_members[] = {
+    {"id", T_INT, offsetof(CpuBaseObject, id), 0, "CPU number"},
+    {"owner_tag", T_INT, offsetof(CpuBaseObject, owner_tag), 0, "what a lock word holds while this CPU owns it (id + 1)"},
+    {"ipi_flag_off", T_PYSSIZET, offsetof(CpuBaseObject, ipi_flag_off), 0, "ctl offset of this CPU's IPI flag (-1: none)"},
+    {"spin_ns", T_LONGLONG, offsetof(CpuBaseObject, spin_ns), 0, "ns spent spinning so far"},
+    {"sleep_ns", T_LONGLONG, offsetof(CpuBaseObject, sleep_ns), 0, "ns spent asleep so far"},
+    {"wait_max", T_LONGLONG, offsetof(CpuBaseObject, wait_max), 0, "longest wait of the current operation (ns)"},
+    {"wait_kind", T_OBJECT, offsetof(CpuBaseObject, wait_kind), 0, "what that wait was on"},
+    {NULL},
+};
+
+static PyTypeObject CpuBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.CpuBase",
+    .tp_basicsize = sizeof(CpuBaseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The fields of a simulated CPU that the C lock paths read and account into",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)CpuBase_dealloc,
+    .tp_members = CpuBase_members,
+};
+
+static PyObject *s_lock_py, *s_unlock_py, *s_trylock_py, *s_slow, *s_down_read_py, *s_up_read_py,
+    *s_down_write_py, *s_up_write_py, *s_down_read_trylock_py, *s_down_write_trylock_py, *s_wait,
+    *s_wake_sleepers, *s_folio_trylock_py, *s_folio_lock_py, *s_folio_unlock_py, *s_folio_lock_slow,
+    *s_wake_waiters, *s_empty;
+static PyObject *small_zero;
+
+/* The fast path applies: a live real Region and a CpuBase CPU.  Returns the region's memory. */
+static inline char *fast_base(PyObject *r, PyObject *cpu)
+{
+    if (!Py_IS_TYPE(r, &RegionType) || !PyObject_TypeCheck(cpu, &CpuBaseType))
+        return NULL;
+    return ((RegionObject *)r)->base;
+}
+
+/* The word at off, aligned to width, with span bytes (the word and what follows it) in range. */
+static inline void *fast_at(PyObject *r, Py_ssize_t off, Py_ssize_t width, Py_ssize_t span)
+{
+    RegionObject *reg = (RegionObject *)r;
+    if (off < 0 || off > reg->size - span || (off & (width - 1))) {
+        PyErr_Format(PyExc_IndexError, "lock word at %zd out of range or misaligned", off);
+        return NULL;
+    }
+    return reg->base + off;
+}
+
+static inline void *fast_at4(PyObject *r, Py_ssize_t off, Py_ssize_t width)
+{
+    return fast_at(r, off, width, width);
+}
+
+static inline void account_wait(CpuBaseObject *cpu, int64_t ns, PyObject *kind, int spin)
+{
+    if (spin)
+        cpu->spin_ns += ns;
+    else
+        cpu->sleep_ns += ns;
+    if (ns > cpu->wait_max) {
+        cpu->wait_max = ns;
+        Py_INCREF(kind);
+        Py_XSETREF(cpu->wait_kind, kind);
+    }
+}
+
+/* The spin loop of spin_lock (see R_spin_lock): ns spun (>= 1) once acquired, -(1 + ns) when
+ * interrupted by a pending IPI or the budget. */
+static int64_t spin_acquire(int32_t *lock, int32_t me, int32_t *ipi, int64_t budget)
+{
+    int64_t t0 = mono_ns(), now;
+    unsigned iter = 0;
+    for (;;) {
+        if (__atomic_load_n(lock, __ATOMIC_RELAXED) == 0) {
+            int32_t zero = 0;
+            if (__atomic_compare_exchange_n(lock, &zero, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+                now = mono_ns();
+                return now - t0 > 0 ? now - t0 : 1;
+            }
+        }
+        if (ipi && __atomic_load_n(ipi, __ATOMIC_ACQUIRE) != 0)
+            return -1 - (mono_ns() - t0);
+        cpu_relax();
+        if ((++iter & 255) == 0) {
+            now = mono_ns();
+            if (now - t0 >= budget)
+                return -1 - (now - t0);
+        }
+    }
+}
+
+#define LOCK_BUDGET_NS 20000000LL /* core/machine/locks.py BUDGET_NS */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *r;
+    Py_ssize_t off;
+    PyObject *name;
+    PyObject *kind;
+    int lock_id;
+} SpinLockObject;
+
+static int SpinLock_init(SpinLockObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"region", "off", "name", "kind", "lock_id", NULL};
+    PyObject *r, *name, *kind;
+    Py_ssize_t off;
+    int lock_id;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnUUi", kwlist, &r, &off, &name, &kind, &lock_id))
+        return -1;
+    Py_INCREF(r);
+    Py_XSETREF(self->r, r);
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    Py_INCREF(kind);
+    Py_XSETREF(self->kind, kind);
+    self->off = off;
+    self->lock_id = lock_id;
+    return 0;
+}
+
+static void SpinLock_dealloc(SpinLockObject *self)
+{
+    Py_CLEAR(self->r);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->kind);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* lock(cpu) -> ns spun (0 uncontended) */
+static PyObject *SpinLock_lock(SpinLockObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_lock_py, cpu);
+    int32_t *lock = fast_at(self->r, self->off, 8, 32); /* word, acquisitions, contended, spin_ns */
+    if (!lock)
+        return NULL;
+    CpuBaseObject *c = (CpuBaseObject *)cpu;
+    int32_t zero = 0;
+    if (__atomic_compare_exchange_n(lock, &zero, c->owner_tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return Py_NewRef(small_zero);
+    int32_t *ipi = NULL;
+    if (c->ipi_flag_off >= 0 && !(ipi = fast_at4(self->r, c->ipi_flag_off, 4)))
+        return NULL;
+    int64_t spun = spin_acquire(lock, c->owner_tag, ipi, LOCK_BUDGET_NS);
+    if (spun < 0) {
+        /* interrupted: the IPI, the owner check and the stop check are Python's */
+        PyObject *rv = PyLong_FromLongLong(spun);
+        if (!rv)
+            return NULL;
+        PyObject *res = PyObject_CallMethodObjArgs((PyObject *)self, s_slow, cpu, rv, NULL);
+        Py_DECREF(rv);
+        return res;
+    }
+    /* won after spinning: the lock's own counters and the CPU's accounting (as _slow does) */
+    __atomic_fetch_add((int64_t *)((char *)lock + 16), 1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_add((int64_t *)((char *)lock + 24), spun, __ATOMIC_ACQ_REL);
+    account_wait(c, spun, self->kind, 1);
+    return PyLong_FromLongLong(spun);
+}
+
+static PyObject *SpinLock_unlock(SpinLockObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_unlock_py, cpu);
+    int32_t *lock = fast_at4(self->r, self->off, 4);
+    if (!lock)
+        return NULL;
+    __atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *SpinLock_trylock(SpinLockObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_trylock_py, cpu);
+    int32_t *lock = fast_at4(self->r, self->off, 4);
+    if (!lock)
+        return NULL;
+    int32_t zero = 0;
+    int ok = __atomic_compare_exchange_n(lock, &zero, ((CpuBaseObject *)cpu)->owner_tag, 0, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_RELAXED);
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef SpinLock_methods[] = {
+    {"lock", (PyCFunction)SpinLock_lock, METH_O, "lock(cpu) -> ns spun (0 when uncontended)"},
+    {"unlock", (PyCFunction)SpinLock_unlock, METH_O, "unlock(cpu)"},
+    {"trylock", (PyCFunction)SpinLock_trylock, METH_O, "trylock(cpu) -> bool"},
+    {NULL},
+};
+
+static PyMemberDef SpinLock_members[] = {
+    {"r", T_OBJECT, offsetof(SpinLockObject, r), READONLY, "the region of the lock word"},
+    {"off", T_PYSSIZET, offsetof(SpinLockObject, off), READONLY, "offset of the lock word"},
+    {"name", T_OBJECT, offsetof(SpinLockObject, name), READONLY, "e.g. ptl[3]"},
+    {"kind", T_OBJECT, offsetof(SpinLockObject, kind), READONLY, "the waited_on class: ptl, pmd_lock, zone"},
+    {"lock_id", T_INT, offsetof(SpinLockObject, lock_id), READONLY, "what CPU_WAITING holds while waiting"},
+    {NULL},
+};
+
+static PyTypeObject SpinLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.SpinLockBase",
+    .tp_basicsize = sizeof(SpinLockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "SpinLockBase(region, off, name, kind, lock_id): spin_lock/spin_unlock in one call",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SpinLock_init,
+    .tp_dealloc = (destructor)SpinLock_dealloc,
+    .tp_methods = SpinLock_methods,
+    .tp_members = SpinLock_members,
+};
+
+/* rwsem state word (core/machine/locks.py) */
+#define RWSEM_READER_MASK 0xFFFFFFFFLL
+#define RWSEM_WRITER (1LL << 32)
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *r;
+    Py_ssize_t off;
+    PyObject *name;
+    int lock_id;
+} RwSemObject;
+
+static int RwSem_init(RwSemObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"region", "off", "name", "lock_id", NULL};
+    PyObject *r, *name;
+    Py_ssize_t off;
+    int lock_id;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnUi", kwlist, &r, &off, &name, &lock_id))
+        return -1;
+    Py_INCREF(r);
+    Py_XSETREF(self->r, r);
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    self->off = off;
+    self->lock_id = lock_id;
+    return 0;
+}
+
+static void RwSem_dealloc(RwSemObject *self)
+{
+    Py_CLEAR(self->r);
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1 taken, 0 not, -1 error */
+static int rwsem_read_trylock(RwSemObject *self, CpuBaseObject *c)
+{
+    int64_t *s = fast_at(self->r, self->off, 8, 64);
+    if (!s)
+        return -1;
+    int64_t v = __atomic_load_n(s, __ATOMIC_ACQUIRE);
+    if ((v & RWSEM_WRITER) || (v >> 40) != 0)
+        return 0;
+    if (!__atomic_compare_exchange_n(s, &v, v + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    if (c->id < 63) /* the readers mask (for the lock dump) covers CPUs 0..62 */
+        __atomic_fetch_or(s + 3, (int64_t)1 << c->id, __ATOMIC_ACQ_REL);
+    return 1;
+}
+
+static int rwsem_write_trylock(RwSemObject *self, CpuBaseObject *c)
+{
+    int64_t *s = fast_at(self->r, self->off, 8, 64);
+    if (!s)
+        return -1;
+    int64_t v = __atomic_load_n(s, __ATOMIC_ACQUIRE);
+    if (v & (RWSEM_READER_MASK | RWSEM_WRITER))
+        return 0;
+    if (!__atomic_compare_exchange_n(s, &v, v | RWSEM_WRITER, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    __atomic_store_n((int32_t *)((char *)s + 16), c->owner_tag, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* rwsem_wake(): bump the sequence; with sleepers, Python wakes them and publishes "wake done" */
+static PyObject *rwsem_wake(RwSemObject *self, PyObject *cpu, int64_t *s)
+{
+    int64_t seq = (int64_t)__atomic_fetch_add((int32_t *)((char *)s + 8), 1, __ATOMIC_ACQ_REL) + 1;
+    if (__atomic_load_n((int32_t *)((char *)s + 12), __ATOMIC_ACQUIRE)) {
+        PyObject *sq = PyLong_FromLongLong(seq);
+        if (!sq)
+            return NULL;
+        PyObject *res = PyObject_CallMethodObjArgs((PyObject *)self, s_wake_sleepers, cpu, sq, NULL);
+        Py_DECREF(sq);
+        return res;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *RwSem_down_read_trylock(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_down_read_trylock_py, cpu);
+    int ok = rwsem_read_trylock(self, (CpuBaseObject *)cpu);
+    return ok < 0 ? NULL : PyBool_FromLong(ok);
+}
+
+static PyObject *RwSem_down_write_trylock(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_down_write_trylock_py, cpu);
+    int ok = rwsem_write_trylock(self, (CpuBaseObject *)cpu);
+    return ok < 0 ? NULL : PyBool_FromLong(ok);
+}
+
+/* down_read(cpu) -> ns slept (0 uncontended) */
+static PyObject *RwSem_down_read(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_down_read_py, cpu);
+    int ok = rwsem_read_trylock(self, (CpuBaseObject *)cpu);
+    if (ok < 0)
+        return NULL;
+    if (ok)
+        return Py_NewRef(small_zero);
+    return PyObject_CallMethodObjArgs((PyObject *)self, s_wait, cpu, Py_False, NULL);
+}
+
+static PyObject *RwSem_down_write(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_down_write_py, cpu);
+    int ok = rwsem_write_trylock(self, (CpuBaseObject *)cpu);
+    if (ok < 0)
+        return NULL;
+    if (ok)
+        return Py_NewRef(small_zero);
+    return PyObject_CallMethodObjArgs((PyObject *)self, s_wait, cpu, Py_True, NULL);
+}
+
+static PyObject *RwSem_up_read(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_up_read_py, cpu);
+    int64_t *s = fast_at(self->r, self->off, 8, 64);
+    if (!s)
+        return NULL;
+    CpuBaseObject *c = (CpuBaseObject *)cpu;
+    if (c->id < 63)
+        __atomic_fetch_and(s + 3, ~((int64_t)1 << c->id), __ATOMIC_ACQ_REL);
+    int64_t old = __atomic_fetch_add(s, -1, __ATOMIC_ACQ_REL);
+    if ((old & RWSEM_READER_MASK) == 1)
+        return rwsem_wake(self, cpu, s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *RwSem_up_write(RwSemObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_up_write_py, cpu);
+    int64_t *s = fast_at(self->r, self->off, 8, 64);
+    if (!s)
+        return NULL;
+    __atomic_store_n((int32_t *)((char *)s + 16), 0, __ATOMIC_RELEASE);
+    __atomic_fetch_add(s, -RWSEM_WRITER, __ATOMIC_ACQ_REL);
+    return rwsem_wake(self, cpu, s);
+}
+
+static PyMethodDef RwSem_methods[] = {
+    {"down_read_trylock", (PyCFunction)RwSem_down_read_trylock, METH_O, "down_read_trylock(cpu) -> bool"},
+    {"down_write_trylock", (PyCFunction)RwSem_down_write_trylock, METH_O, "down_write_trylock(cpu) -> bool"},
+    {"down_read", (PyCFunction)RwSem_down_read, METH_O, "down_read(cpu) -> ns slept"},
+    {"down_write", (PyCFunction)RwSem_down_write, METH_O, "down_write(cpu) -> ns slept"},
+    {"up_read", (PyCFunction)RwSem_up_read, METH_O, "up_read(cpu)"},
+    {"up_write", (PyCFunction)RwSem_up_write, METH_O, "up_write(cpu)"},
+    {NULL},
+};
+
+static PyMemberDef RwSem_members[] = {
+    {"r", T_OBJECT, offsetof(RwSemObject, r), READONLY, "the region of the rwsem"},
+    {"off", T_PYSSIZET, offsetof(RwSemObject, off), READONLY, "offset of the state word"},
+    {"name", T_OBJECT, offsetof(RwSemObject, name), READONLY, "mmap_lock, anon_vma"},
+    {"lock_id", T_INT, offsetof(RwSemObject, lock_id), READONLY, "what CPU_WAITING holds while waiting"},
+    {NULL},
+};
+
+static PyTypeObject RwSemType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.RwSemBase",
+    .tp_basicsize = sizeof(RwSemObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "RwSemBase(region, off, name, lock_id): the rwsem fast paths in one call each",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RwSem_init,
+    .tp_dealloc = (destructor)RwSem_dealloc,
+    .tp_methods = RwSem_methods,
+    .tp_members = RwSem_members,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *r;
+    Py_ssize_t flags, owner, waiters, wake, wake_done, wake_t;
+    int pg_locked;
+} FolioLocksObject;
+
+static int FolioLocks_init(FolioLocksObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"region", "flags_base", "owner_base", "waiters_base", "wake_base", "wake_done_base",
+                             "wake_t_base", "pg_locked", NULL};
+    PyObject *r;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnnnnni", kwlist, &r, &self->flags, &self->owner, &self->waiters,
+                                     &self->wake, &self->wake_done, &self->wake_t, &self->pg_locked))
+        return -1;
+    Py_INCREF(r);
+    Py_XSETREF(self->r, r);
+    return 0;
+}
+
+static void FolioLocks_dealloc(FolioLocksObject *self)
+{
+    Py_CLEAR(self->r);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline int folio_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t *pfn)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s(cpu, pfn) takes 2 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    *pfn = PyLong_AsSsize_t(args[1]);
+    if (*pfn == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* 1 taken, 0 not, -1 error */
+static int folio_trylock_fast(FolioLocksObject *self, CpuBaseObject *c, Py_ssize_t pfn)
+{
+    int32_t *f = fast_at4(self->r, self->flags + pfn * 4, 4);
+    int32_t *o = fast_at4(self->r, self->owner + pfn * 4, 4);
+    if (!f || !o)
+        return -1;
+    for (;;) {
+        int32_t v = __atomic_load_n(f, __ATOMIC_ACQUIRE);
+        if (v & self->pg_locked)
+            return 0;
+        if (__atomic_compare_exchange_n(f, &v, v | self->pg_locked, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(o, c->owner_tag, __ATOMIC_RELEASE);
+            return 1;
+        }
+    }
+}
+
+static PyObject *FolioLocks_folio_trylock(FolioLocksObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pfn;
+    if (folio_args(args, nargs, "folio_trylock", &pfn))
+        return NULL;
+    if (!fast_base(self->r, args[0]))
+        return PyObject_VectorcallMethod(s_folio_trylock_py, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3, NULL);
+    int ok = folio_trylock_fast(self, (CpuBaseObject *)args[0], pfn);
+    return ok < 0 ? NULL : PyBool_FromLong(ok);
+}
+
+/* folio_lock(cpu, pfn) -> ns slept (0 uncontended) */
+static PyObject *FolioLocks_folio_lock(FolioLocksObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pfn;
+    if (folio_args(args, nargs, "folio_lock", &pfn))
+        return NULL;
+    if (!fast_base(self->r, args[0]))
+        return PyObject_VectorcallMethod(s_folio_lock_py, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3, NULL);
+    int ok = folio_trylock_fast(self, (CpuBaseObject *)args[0], pfn);
+    if (ok < 0)
+        return NULL;
+    if (ok)
+        return Py_NewRef(small_zero);
+    return PyObject_VectorcallMethod(s_folio_lock_slow, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3, NULL);
+}
+
+static PyObject *FolioLocks_folio_unlock(FolioLocksObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pfn;
+    if (folio_args(args, nargs, "folio_unlock", &pfn))
+        return NULL;
+    if (!fast_base(self->r, args[0]))
+        return PyObject_VectorcallMethod(s_folio_unlock_py, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3, NULL);
+    int32_t *f = fast_at4(self->r, self->flags + pfn * 4, 4);
+    int32_t *o = fast_at4(self->r, self->owner + pfn * 4, 4);
+    int32_t *wk = fast_at4(self->r, self->wake + pfn * 4, 4);
+    int32_t *wt = fast_at4(self->r, self->waiters + pfn * 4, 4);
+    if (!f || !o || !wk || !wt)
+        return NULL;
+    __atomic_store_n(o, 0, __ATOMIC_RELEASE);
+    int32_t v = __atomic_load_n(f, __ATOMIC_ACQUIRE);
+    while (!__atomic_compare_exchange_n(f, &v, v & ~self->pg_locked, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
+    int64_t seq = (int64_t)__atomic_fetch_add(wk, 1, __ATOMIC_ACQ_REL) + 1;
+    if (__atomic_load_n(wt, __ATOMIC_ACQUIRE)) {
+        PyObject *sq = PyLong_FromLongLong(seq);
+        if (!sq)
+            return NULL;
+        PyObject *res = PyObject_VectorcallMethod(
+            s_wake_waiters, (PyObject *[]){(PyObject *)self, args[0], args[1], sq}, 4, NULL);
+        Py_DECREF(sq);
+        return res;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef FolioLocks_methods[] = {
+    {"folio_trylock", (PyCFunction)(void (*)(void))FolioLocks_folio_trylock, METH_FASTCALL,
+     "folio_trylock(cpu, pfn) -> bool"},
+    {"folio_lock", (PyCFunction)(void (*)(void))FolioLocks_folio_lock, METH_FASTCALL,
+     "folio_lock(cpu, pfn) -> ns slept"},
+    {"folio_unlock", (PyCFunction)(void (*)(void))FolioLocks_folio_unlock, METH_FASTCALL, "folio_unlock(cpu, pfn)"},
+    {NULL},
+};
+
+static PyMemberDef FolioLocks_members[] = {
+    {"r", T_OBJECT, offsetof(FolioLocksObject, r), READONLY, "the folio region"},
+    {"flags", T_PYSSIZET, offsetof(FolioLocksObject, flags), READONLY, "offset of flags[] (the futex words)"},
+    {"owner", T_PYSSIZET, offsetof(FolioLocksObject, owner), READONLY, "offset of lock_owner[]"},
+    {"waiters", T_PYSSIZET, offsetof(FolioLocksObject, waiters), READONLY, "offset of waiters[]"},
+    {"wake", T_PYSSIZET, offsetof(FolioLocksObject, wake), READONLY, "offset of wake_seq[]"},
+    {"wake_done", T_PYSSIZET, offsetof(FolioLocksObject, wake_done), READONLY, "offset of wake_done[]"},
+    {"wake_t", T_PYSSIZET, offsetof(FolioLocksObject, wake_t), READONLY, "offset of wake_t[]"},
+    {"pg_locked", T_INT, offsetof(FolioLocksObject, pg_locked), READONLY, "the PG_locked bit"},
+    {NULL},
+};
+
+static PyTypeObject FolioLocksType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.FolioLocksBase",
+    .tp_basicsize = sizeof(FolioLocksObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "FolioLocksBase(region, flags_base, ..., pg_locked): folio_trylock/lock/unlock in one call",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FolioLocks_init,
+    .tp_dealloc = (destructor)FolioLocks_dealloc,
+    .tp_methods = FolioLocks_methods,
+    .tp_members = FolioLocks_members,
+};
+
+/* Per-VMA lock (core/machine/locks.py VmaLock; the VMA struct of core/machine/layout.py). */
+#define VMA_LOCK_SEQ 24
+#define VMA_READERS 32
+#define VMA_WWAIT 36
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *r;
+    Py_ssize_t off, seq_off;
+    PyObject *name;
+    int lock_id;
+} VmaLockObject;
+
+static PyObject *s_vma_start_read_py, *s_vma_end_read_py, *s_wake_writer;
+
+static int VmaLock_init(VmaLockObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"region", "vma_off", "mm_lock_seq_off", "name", "lock_id", NULL};
+    PyObject *r, *name;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnUi", kwlist, &r, &self->off, &self->seq_off, &name, &self->lock_id))
+        return -1;
+    Py_INCREF(r);
+    Py_XSETREF(self->r, r);
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    return 0;
+}
+
+static void VmaLock_dealloc(VmaLockObject *self)
+{
+    Py_CLEAR(self->r);
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* vma_end_read on the fast path; the last reader with a writer waiting wakes it in Python */
+static PyObject *vma_end_read_fast(VmaLockObject *self, PyObject *cpu, char *v)
+{
+    if (__atomic_fetch_add((int32_t *)(v + VMA_READERS), -1, __ATOMIC_ACQ_REL) == 1 &&
+        __atomic_load_n((int32_t *)(v + VMA_WWAIT), __ATOMIC_ACQUIRE))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_wake_writer, cpu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *VmaLock_vma_start_read(VmaLockObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_vma_start_read_py, cpu);
+    char *v = fast_at(self->r, self->off, 8, 64);
+    int64_t *mm = fast_at4(self->r, self->seq_off, 8);
+    if (!v || !mm)
+        return NULL;
+    int64_t *seq = (int64_t *)(v + VMA_LOCK_SEQ);
+    if (__atomic_load_n(seq, __ATOMIC_ACQUIRE) == __atomic_load_n(mm, __ATOMIC_ACQUIRE))
+        Py_RETURN_FALSE; /* write-locked */
+    __atomic_fetch_add((int32_t *)(v + VMA_READERS), 1, __ATOMIC_ACQ_REL);
+    /* re-check after publishing ourselves: pairs with vma_start_write's xchg then readers read */
+    if (__atomic_load_n(seq, __ATOMIC_ACQUIRE) == __atomic_load_n(mm, __ATOMIC_ACQUIRE)) {
+        PyObject *res = vma_end_read_fast(self, cpu, v);
+        if (!res)
+            return NULL;
+        Py_DECREF(res);
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *VmaLock_vma_end_read(VmaLockObject *self, PyObject *cpu)
+{
+    if (!fast_base(self->r, cpu))
+        return PyObject_CallMethodOneArg((PyObject *)self, s_vma_end_read_py, cpu);
+    char *v = fast_at(self->r, self->off, 8, 64);
+    if (!v)
+        return NULL;
+    return vma_end_read_fast(self, cpu, v);
+}
+
+static PyMethodDef VmaLock_methods[] = {
+    {"vma_start_read", (PyCFunction)VmaLock_vma_start_read, METH_O, "vma_start_read(cpu) -> bool"},
+    {"vma_end_read", (PyCFunction)VmaLock_vma_end_read, METH_O, "vma_end_read(cpu)"},
+    {NULL},
+};
+
+static PyMemberDef VmaLock_members[] = {
+    {"r", T_OBJECT, offsetof(VmaLockObject, r), READONLY, "the ctl region"},
+    {"off", T_PYSSIZET, offsetof(VmaLockObject, off), READONLY, "offset of the VMA struct"},
+    {"seq_off", T_PYSSIZET, offsetof(VmaLockObject, seq_off), READONLY, "offset of mm_lock_seq"},
+    {"name", T_OBJECT, offsetof(VmaLockObject, name), READONLY, "vma_lock[i]"},
+    {"lock_id", T_INT, offsetof(VmaLockObject, lock_id), READONLY, "what CPU_WAITING holds while waiting"},
+    {NULL},
+};
+
+static PyTypeObject VmaLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.VmaLockBase",
+    .tp_basicsize = sizeof(VmaLockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "VmaLockBase(region, vma_off, mm_lock_seq_off, name, lock_id): vma_start_read/vma_end_read in one call",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)VmaLock_init,
+    .tp_dealloc = (destructor)VmaLock_dealloc,
+    .tp_methods = VmaLock_methods,
+    .tp_members = VmaLock_members,
+};
+
+static int init_lock_types(PyObject *m)
+{
+#define INTERN(var, s)                                     \
+    if (!(var = PyUnicode_InternFromString(s)))           \
+        return -1;
+    INTERN(s_lock_py, "_py_lock");
+    INTERN(s_unlock_py, "_py_unlock");
+    INTERN(s_trylock_py, "_py_trylock");
+    INTERN(s_slow, "_slow");
+    INTERN(s_down_read_py, "_py_down_read");
+    INTERN(s_up_read_py, "_py_up_read");
+    INTERN(s_down_write_py, "_py_down_write");
+    INTERN(s_up_write_py, "_py_up_write");
+    INTERN(s_down_read_trylock_py, "_py_down_read_trylock");
+    INTERN(s_down_write_trylock_py, "_py_down_write_trylock");
+    INTERN(s_wait, "_wait");
+    INTERN(s_wake_sleepers, "_wake_sleepers");
+    INTERN(s_folio_trylock_py, "_py_folio_trylock");
+    INTERN(s_folio_lock_py, "_py_folio_lock");
+    INTERN(s_folio_unlock_py, "_py_folio_unlock");
+    INTERN(s_folio_lock_slow, "_folio_lock_slow");
+    INTERN(s_wake_waiters, "_wake_waiters");
+    INTERN(s_empty, "");
+    INTERN(s_vma_start_read_py, "_py_vma_start_read");
+    INTERN(s_vma_end_read_py, "_py_vma_end_read");
+    INTERN(s_wake_writer, "_wake_writer");
+#undef INTERN
+    if (!(small_zero = PyLong_FromLong(0)))
+        return -1;
+    PyTypeObject *types[] = {&CpuBaseType, &SpinLockType, &RwSemType, &FolioLocksType, &VmaLockType};
+    const char *names[] = {"CpuBase", "SpinLockBase", "RwSemBase", "FolioLocksBase", "VmaLockBase"};
+    for (int i = 0; i < 5; i++) {
+        if (PyType_Ready(types[i]) < 0)
+            return -1;
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(types[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Module functions: the clock and the C reference loops for calibrate                       */
@@ -850,6 +1692,10 @@ PyMODINIT_FUNC PyInit__prims(void)
     Py_INCREF(&RegionType);
     if (PyModule_AddObject(m, "Region", (PyObject *)&RegionType) < 0) {
         Py_DECREF(&RegionType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (init_lock_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -128,6 +128,8 @@ class RunConfig:
     backend: str = "process"  # process: real processes, wall-clock time; virtual: kernel-cost virtual time
     think_ns: int = 0  # app CPUs: compute between two accesses (ns; virtual time needs some)
     collapse_context: str = "khugepaged"  # khugepaged: the daemon's scan; madvise: MADV_COLLAPSE's path
+    stop_on: tuple[str, ...] = ()  # violation kinds that end the run at once (`check --catch-rate`: the first catch)
+    placement: str = ""  # virtual backend: which core each CPU runs on (parse_placement); "": a core each
 
     def __post_init__(self) -> None:
         validate(self)
@@ -151,6 +153,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["cpus"] = dict(self.cpus)
         d["inject_bugs"] = list(self.inject_bugs)
+        d["stop_on"] = list(self.stop_on)
         return d
 
     @classmethod
@@ -162,6 +165,8 @@ class RunConfig:
         kw = dict(d)
         if "inject_bugs" in kw:
             kw["inject_bugs"] = tuple(kw["inject_bugs"])
+        if "stop_on" in kw:
+            kw["stop_on"] = tuple(kw["stop_on"])
         return cls(**kw)
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -189,7 +194,7 @@ MAX_PIN_HOLD_US = 1_000_000
 MAX_SEED = 2**63 - 1
 
 
-_SET_ONLY = frozenset({"page_size", "quiesce_s", "zap_pages"})
+_SET_ONLY = frozenset({"page_size", "quiesce_s", "zap_pages", "stop_on"})
 
 
 def flag(name: str) -> str:
@@ -323,3 +328,40 @@ def validate(c: RunConfig) -> None:
             raise ConfigError("--vma-stability vma-lock applies to ptl-hold and migration-entry; pmd-clear always takes mmap_lock for write")
         if not c.vma_locks:
             raise ConfigError("--vma-stability vma-lock needs per-VMA locks; drop --no-vma-locks")
+    if c.placement:
+        if c.backend != "virtual":
+            raise ConfigError("--placement applies to --backend virtual (the process backend places its CPUs on host cores itself)")
+        parse_placement(c.placement, c.nr_cpus, c.cpus.get("khugepaged", 0))
+
+
+def parse_placement(spec: str, nr_cpus: int, nr_collapsers: int = 0) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """The core each simulated CPU runs on and whether it runs under SCHED_IDLE, from
+    ``--placement``: one ``CORE`` or ``CORE:idle`` per CPU in CPU-id order, comma-separated
+    (``1:idle,1:idle,1:idle,1:idle,0``), or ``probe:N``: `ptlab kernel`'s placement on N cores
+    (core/probe/kernel_probe.py placement(): with fewer cores than CPUs the khugepaged CPUs --
+    the last ids -- keep core 0 and the others share the rest round robin under SCHED_IDLE;
+    with enough cores, one each).  Raises ConfigError naming the flag."""
+    spec = spec.strip()
+    if spec.startswith("probe:"):
+        n = spec.removeprefix("probe:")
+        if not n.isdigit() or not 1 <= int(n) <= 127:
+            raise ConfigError(f"--placement probe:N takes a number of cores 1..127 (got {spec!r})")
+        cores = int(n)
+        if cores >= nr_cpus:
+            return tuple(range(nr_cpus)), (False,) * nr_cpus
+        first = nr_cpus - nr_collapsers
+        load = list(range(1, cores)) or [0]
+        out = tuple(load[i % len(load)] for i in range(first)) + (0,) * nr_collapsers
+        return out, (True,) * first + (False,) * nr_collapsers
+    items = [x.strip() for x in spec.split(",")]
+    if len(items) != nr_cpus:
+        raise ConfigError(f"--placement names {len(items)} CPU(s) and the run has {nr_cpus}; give one CORE or CORE:idle per CPU in CPU-id order, or probe:N")
+    cores_: list[int] = []
+    idle: list[bool] = []
+    for x in items:
+        core, _, policy = x.partition(":")
+        if not core.isdigit() or int(core) > 127 or policy not in ("", "idle", "normal"):
+            raise ConfigError(f"--placement item {x!r}: give CORE (0..127) or CORE:idle (SCHED_IDLE), e.g. 1:idle,1:idle,0")
+        cores_.append(int(core))
+        idle.append(policy == "idle")
+    return tuple(cores_), tuple(idle)

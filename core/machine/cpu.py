@@ -34,9 +34,9 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ptlab.core.machine._prims import now_ns
+from ptlab.core.machine._prims import CpuBase, now_ns
 from ptlab.core.machine.config import RunConfig
-from ptlab.core.machine.errors import OwnerDied
+from ptlab.core.machine.errors import OwnerDied, Stopped
 from ptlab.core.machine.events import OP, PHASES, RESULT, ROLE, WAIT, Recorder, pack
 from ptlab.core.machine.layout import (
     BCAST,
@@ -62,6 +62,7 @@ from ptlab.core.machine.layout import (
     ST_IPI_WAIT,
     ST_RUN,
     STOP,
+    STOP_VIOLATION,
     TLB_GEN,
     cpumask_cpus,
     cpumask_slot,
@@ -74,12 +75,10 @@ BCAST_CLAIM = 56  # ctl header: i64 claim counter for the broadcast ring
 IPI_BUDGET_NS = 20_000_000
 
 
-class Stopped(Exception):
-    """The run was stopped (time up, watchdog, another CPU failed): unwind and report."""
-
-
-class CpuContext:
-    """Per-process state of one simulated CPU."""
+class CpuContext(CpuBase):
+    """Per-process state of one simulated CPU.  Its lock-facing fields (id, owner_tag,
+    ipi_flag_off, spin_ns, sleep_ns, wait_max, wait_kind) live in the C base, where the locks' one-call
+    fast paths read and account into them (core/machine/locks.py)."""
 
     def __init__(self, m: Machine, cpu_id: int, role: str, config: RunConfig, *, sample: int = 8, capacity: int = 200_000, tlb_entries: int = 64, seed: int = 0) -> None:
         self.m = m
@@ -90,6 +89,7 @@ class CpuContext:
         self.config = config
         self.strategy = config.strategy
         self.bugs = frozenset(config.inject_bugs)
+        self.stop_on = frozenset(config.stop_on)
         self.broadcast = config.flush == "broadcast"
         self.nr_cpus = config.nr_cpus
         L = m.L
@@ -462,6 +462,8 @@ class CpuContext:
             phase = PHASES[code - 1] if code > 0 else "none"
         if self.on_step is not None:
             self.on_step(f"VIOLATION {kind}: {detail}")
+        if kind in self.stop_on:  # the run's question is answered: end it at once
+            self.ctl.cas32(STOP, 0, STOP_VIOLATION)
         if len(self.violations) < 200:
             self.violations.append(
                 {
@@ -481,6 +483,11 @@ class CpuContext:
         until = self.now() + ns
         while self.now() < until:
             self.interrupt_point()
+
+    def io_wait(self, ns: int) -> None:
+        """Wait ns for a device (a pinned page's DMA): the thread would sleep in I/O; here the
+        CPU stays busy like ``delay`` (the virtual backend gives a shared core away meanwhile)."""
+        self.delay(ns)
 
     def charge(self, step: str, n: int = 1) -> None:
         """Virtual time: spend the cost-table price of a kernel step n times (the process
@@ -503,12 +510,17 @@ class CpuContext:
             self.delay(self.rng.randrange(2_000, max(3_000, self.config.chaos_us * 1000)))
 
 
+_AFFINITY = os.sched_getaffinity(0)  # the cores this process may run on, before any pinning
+
+
 @contextlib.contextmanager
 def attached_cpu(config: RunConfig, prefix: str, cpu_id: int, role: str = "app", pin_core: int | None = None, capacity: int = 1) -> Iterator[CpuContext]:
     """From another process: pin to ``pin_core`` (if given), attach to the machine ``prefix``
     and register as CPU ``cpu_id`` (pid, mm_cpumask); unmaps everything on exit."""
     if pin_core is not None:
         os.sched_setaffinity(0, {pin_core})
+    else:  # a process reused from an earlier, pinned run (cluster/cell.py CpuPool) runs anywhere again
+        os.sched_setaffinity(0, _AFFINITY)
     m = Machine.attach(config, prefix)
     try:
         cpu = CpuContext(m, cpu_id, role, config, capacity=capacity)

@@ -21,6 +21,11 @@ class RunFailed(PtlabError):
     exit_code = 3
 
 
+class Stopped(Exception):
+    """The run was stopped (time up, watchdog, another CPU failed, a finding that ends it):
+    unwind and report."""
+
+
 class OwnerDied(RuntimeError):
     """A lock's owner process died while holding it; waiters raise this instead of hanging."""
 

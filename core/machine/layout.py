@@ -24,6 +24,7 @@ BCAST_RING = 64
 # ---- ctl header (byte offsets) ---------------------------------------------------------------
 GATE = 0  # u32 futex: 0 closed, 1 open
 STOP = 4  # u32: 0 running, else a StopReason
+STOP_WATCHDOG, STOP_FAILED, STOP_VIOLATION = 2, 3, 4  # STOP values (1 is not used: the end is time-based)
 READY = 8  # u32: CPUs attached and waiting at the gate
 COLLAPSING = 12  # u32: collapses in flight (events record during_collapse from it)
 COLLAPSE_START = 16  # i64: first vpn of the collapse in flight + 1 (0: none): stress_target=collapse

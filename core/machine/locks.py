@@ -10,6 +10,15 @@ counts its own contention; every CPU accounts the spin ns and sleep ns it spent 
 A lock whose owner died raises OwnerDied in its waiters within BUDGET_NS-ish, naming the lock
 and the dead CPU, instead of hanging.
 
+One C call per lock operation.  Each class here subclasses a C base in _prims (SpinLockBase,
+RwSemBase, FolioLocksBase, VmaLockBase) that runs the uncontended operation — and a contended
+spin that wins without an interruption, with its accounting — in one call on the process
+backend's Region, reading the CPU's fields from its C base (CpuBase).  Sleeps, interrupted spins
+and wake-ups come back to the Python methods below; on any other region (the scheduled
+backend's SchedRegion) every operation runs its ``_py_*`` method, the same word operations as
+Region calls, so the deterministic backend's schedule space is unchanged (tests/test_fastpaths.py
+holds the two to the same words).
+
 Lost wake-ups.  Every sleep is bounded by a safety timeout (SLEEP_SLICE_NS) so that a CPU keeps
 checking that the owner is alive; a sleep that ends by that timeout although what it waited for
 was released — and the release had *finished* its wake-up step before the timeout could fire —
@@ -29,7 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ptlab.core.machine._prims import Region
+from ptlab.core.machine._prims import FolioLocksBase, Region, RwSemBase, SpinLockBase, VmaLockBase
 from ptlab.core.machine.errors import OwnerDied
 from ptlab.core.machine.layout import (
     MAX_CPUS,
@@ -135,23 +144,23 @@ def check_locks_released(m: Any, cpu: CpuContext, where: str) -> bool:
     return bool(held)
 
 
-class SpinLock:
+class SpinLock(SpinLockBase):
     """Test-and-test-and-set spinlock on a 32-bit word (0 free, else owner CPU + 1).
 
     Layout (one 64-byte line): +0 word, +8 acquisitions, +16 contended, +24 spin_ns.
     Invariant: word != 0 iff some CPU is between spin_lock() and spin_unlock().
+
+    ``SpinLock(region, off, name, kind, lock_id)``: ``name`` e.g. "ptl[3]", ``kind`` the
+    waited_on class ("ptl", "pmd_lock", "zone").  ``lock``/``unlock``/``trylock`` are one C call
+    each (_prims.SpinLockBase): on the process backend's Region the CAS, and a contended spin
+    with its IPI check and accounting, run in C; an interrupted spin comes back to ``_slow``.
+    On any other region (the scheduled backend's) they run ``_py_lock``/``_py_unlock``/
+    ``_py_trylock`` below, the same steps as Region calls.
     """
 
-    __slots__ = ("r", "off", "name", "kind", "lock_id")
+    __slots__ = ()
 
-    def __init__(self, region: Region, off: int, name: str, kind: str, lock_id: int) -> None:
-        self.r = region
-        self.off = off
-        self.name = name  # e.g. "ptl[3]"
-        self.kind = kind  # the waited_on class: "ptl", "pmd_lock", "zone"
-        self.lock_id = lock_id
-
-    def lock(self, cpu: CpuContext) -> int:
+    def _py_lock(self, cpu: CpuContext) -> int:
         """Acquire; returns ns spent spinning (0 when uncontended)."""
         r = self.r.spin_lock(self.off, cpu.owner_tag, cpu.ipi_flag_off, BUDGET_NS)
         if r == 0:
@@ -177,10 +186,10 @@ class SpinLock:
         cpu.account_spin(spun, self.kind)
         return spun
 
-    def trylock(self, cpu: CpuContext) -> bool:
+    def _py_trylock(self, cpu: CpuContext) -> bool:
         return self.r.spin_trylock(self.off, cpu.owner_tag)
 
-    def unlock(self, cpu: CpuContext) -> None:
+    def _py_unlock(self, cpu: CpuContext) -> None:
         self.r.spin_unlock(self.off)
 
     def owner(self) -> int:
@@ -204,9 +213,15 @@ class SpinLock:
         return f"<{self.name} {f'held by CPU {o}' if o >= 0 else 'free'}>"
 
 
-class RwSem:
+class RwSem(RwSemBase):
     """Sleeping reader-writer semaphore (mmap_lock, anon_vma->rwsem), writer-fair like Linux:
     a waiting writer blocks new readers, so a stream of readers cannot starve it.
+
+    ``RwSem(region, off, name, lock_id)``.  down_read/up_read/down_write/up_write and the
+    trylocks are one C call each (_prims.RwSemBase) on the process backend's Region: the CAS,
+    the readers mask or owner store, and up_*'s "wake?" decision; a sleep is ``_wait`` and a
+    release with sleepers ``_wake_sleepers``, in Python.  On any other region they run the
+    ``_py_*`` methods below, the same steps as Region calls.
 
     Layout: +0 state (readers in the low 32 bits | RWSEM_WRITER | waiting writers * 2**40),
     +8 seq (futex word, bumped on every release), +12 sleepers, +16 owner (writer CPU + 1),
@@ -215,19 +230,13 @@ class RwSem:
     Invariants: WRITER set implies readers == 0; owner != 0 iff WRITER set.
     """
 
-    __slots__ = ("r", "off", "name", "lock_id")
-
-    def __init__(self, region: Region, off: int, name: str, lock_id: int) -> None:
-        self.r = region
-        self.off = off
-        self.name = name
-        self.lock_id = lock_id
+    __slots__ = ()
 
     # -- read side --
     def _read_ok(self, s: int) -> bool:
         return not (s & RWSEM_WRITER) and (s >> 40) == 0
 
-    def down_read_trylock(self, cpu: CpuContext) -> bool:
+    def _py_down_read_trylock(self, cpu: CpuContext) -> bool:
         s = self.r.load64(self.off)
         if self._read_ok(s) and self.r.cas64(self.off, s, s + 1):
             if cpu.id < 63:  # the readers mask (for the lock dump) covers CPUs 0..62
@@ -235,13 +244,13 @@ class RwSem:
             return True
         return False
 
-    def down_read(self, cpu: CpuContext) -> int:
+    def _py_down_read(self, cpu: CpuContext) -> int:
         """Acquire for read; returns ns slept (0 when uncontended)."""
-        if self.down_read_trylock(cpu):
+        if self._py_down_read_trylock(cpu):
             return 0
-        return self._wait(cpu, write=False)
+        return self._wait(cpu, False)
 
-    def up_read(self, cpu: CpuContext) -> None:
+    def _py_up_read(self, cpu: CpuContext) -> None:
         if cpu.id < 63:
             self.r.fetch_and64(self.off + 24, ~(1 << cpu.id))
         old = self.r.fetch_add64(self.off, -1)
@@ -249,19 +258,19 @@ class RwSem:
             self._wake(cpu)
 
     # -- write side --
-    def down_write_trylock(self, cpu: CpuContext) -> bool:
+    def _py_down_write_trylock(self, cpu: CpuContext) -> bool:
         s = self.r.load64(self.off)
         if (s & (RWSEM_READER_MASK | RWSEM_WRITER)) == 0 and self.r.cas64(self.off, s, s | RWSEM_WRITER):
             self.r.store32(self.off + 16, cpu.owner_tag)
             return True
         return False
 
-    def down_write(self, cpu: CpuContext) -> int:
-        if self.down_write_trylock(cpu):
+    def _py_down_write(self, cpu: CpuContext) -> int:
+        if self._py_down_write_trylock(cpu):
             return 0
-        return self._wait(cpu, write=True)
+        return self._wait(cpu, True)
 
-    def up_write(self, cpu: CpuContext) -> None:
+    def _py_up_write(self, cpu: CpuContext) -> None:
         self.r.store32(self.off + 16, 0)
         self.r.fetch_add64(self.off, -RWSEM_WRITER)
         self._wake(cpu)
@@ -272,10 +281,15 @@ class RwSem:
         r, off = self.r, self.off
         seq = r.fetch_add32(off + 8, 1) + 1
         if r.load32(off + 12):
-            if not _mutant(cpu, "mutant-rwsem-no-wake"):
-                r.futex_wake(off + 8, 1 << 30)
-            r.store32(off + RWSEM_WAKE_T, wake_t(cpu))
-            r.store32(off + RWSEM_WAKE_DONE, seq)
+            self._wake_sleepers(cpu, seq)
+
+    def _wake_sleepers(self, cpu: CpuContext, seq: int) -> None:
+        """The sleepers' half of _wake() (C calls it too): futex_wake, then "wake done"."""
+        r, off = self.r, self.off
+        if not _mutant(cpu, "mutant-rwsem-no-wake"):
+            r.futex_wake(off + 8, 1 << 30)
+        r.store32(off + RWSEM_WAKE_T, wake_t(cpu))
+        r.store32(off + RWSEM_WAKE_DONE, seq)
 
     def _wait(self, cpu: CpuContext, write: bool) -> int:
         r, off = self.r, self.off
@@ -361,7 +375,7 @@ class RwSem:
         return f"<{self.name} {held}, {st['sleepers']} sleeping>"
 
 
-class VmaLock:
+class VmaLock(VmaLockBase):
     """Per-VMA lock with the kernel's semantics (mm/mmap_lock.c, include/linux/mmap_lock.h):
 
     - read (``vma_start_read``, used by ``lock_vma_under_rcu``) is a trylock that fails while the
@@ -369,21 +383,19 @@ class VmaLock:
     - write (``vma_start_write``) is taken only under mmap_lock held for write: it sets
       vm_lock_seq = mm_lock_seq and waits for the current readers to leave;
     - every VMA write lock ends at once when mmap_write_unlock bumps mm_lock_seq.
+
+    ``VmaLock(region, vma_off, mm_lock_seq_off, name, lock_id)``.  vma_start_read/vma_end_read
+    are one C call each (_prims.VmaLockBase) on the process backend's Region; the last reader's
+    wake of a waiting writer is ``_wake_writer``, in Python.  On any other region they run the
+    ``_py_*`` methods below, the same steps as Region calls.
     """
 
-    __slots__ = ("r", "off", "seq_off", "name", "lock_id")
-
-    def __init__(self, region: Region, vma_off: int, mm_lock_seq_off: int, name: str, lock_id: int) -> None:
-        self.r = region
-        self.off = vma_off
-        self.seq_off = mm_lock_seq_off
-        self.name = name
-        self.lock_id = lock_id
+    __slots__ = ()
 
     def write_locked(self) -> bool:
         return self.r.load64(self.off + VMA_LOCK_SEQ) == self.r.load64(self.seq_off)
 
-    def vma_start_read(self, cpu: CpuContext) -> bool:
+    def _py_vma_start_read(self, cpu: CpuContext) -> bool:
         r = self.r
         if self.write_locked():
             return False
@@ -394,13 +406,18 @@ class VmaLock:
             return False
         return True
 
-    def vma_end_read(self, cpu: CpuContext) -> None:
+    def _py_vma_end_read(self, cpu: CpuContext) -> None:
         r = self.r
         if r.fetch_add32(self.off + VMA_READERS, -1) == 1 and r.load32(self.off + VMA_WWAIT):
-            if not _mutant(cpu, "mutant-vma-no-wake"):
-                r.futex_wake(self.off + VMA_READERS, 1 << 30)
-            r.store32(self.off + VMA_WAKE_T, wake_t(cpu))  # "wake done" for the lost wake-up check
-            r.fetch_add32(self.off + VMA_WAKE_DONE, 1)
+            self._wake_writer(cpu)
+
+    def _wake_writer(self, cpu: CpuContext) -> None:
+        """The last reader wakes vma_start_write()'s sleeper, then publishes "wake done"."""
+        r = self.r
+        if not _mutant(cpu, "mutant-vma-no-wake"):
+            r.futex_wake(self.off + VMA_READERS, 1 << 30)
+        r.store32(self.off + VMA_WAKE_T, wake_t(cpu))  # "wake done" for the lost wake-up check
+        r.fetch_add32(self.off + VMA_WAKE_DONE, 1)
 
     def vma_start_write(self, cpu: CpuContext, mm_seq: int) -> int:
         """Caller holds mmap_lock for write.  Returns ns slept waiting for readers to drain."""
@@ -431,25 +448,29 @@ class VmaLock:
         return slept
 
 
-class FolioLocks:
+class FolioLocks(FolioLocksBase):
     """PG_locked on every folio, in the folio segment's parallel arrays (flags is the futex word).
 
     ``folio_lock`` sleeps, ``folio_trylock`` does not, ``folio_unlock`` wakes every waiter, and
     ``folio_wait_unlocked`` sleeps until PG_locked clears without taking it — the basis of
     ``migration_entry_wait_on_locked`` (mm/filemap.c), which registers as a waiter *before* the
     PTL is dropped so the unlock cannot be missed.
+
+    ``FolioLocks(region, flags_base, owner_base, waiters_base, wake_base, wake_done_base,
+    wake_t_base)``: offsets of the per-frame arrays; ``wake`` is bumped by every folio_unlock()
+    (the WQ_FLAG_WOKEN of a waiter), ``wake_done``/``wake_t`` are the lost wake-up check's
+    per-folio "wake done" seq and time.  folio_trylock/folio_lock/folio_unlock are one C call
+    each (_prims.FolioLocksBase) on the process backend's Region; a sleep is
+    ``_folio_lock_slow`` and an unlock with waiters ``_wake_waiters``, in Python.  On any other
+    region they run the ``_py_*`` methods below, the same steps as Region calls.
     """
 
-    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int, wake_base: int, wake_done_base: int, wake_t_base: int) -> None:
-        self.r = region
-        self.flags = flags_base
-        self.owner = owner_base
-        self.waiters = waiters_base
-        self.wake = wake_base  # bumped by every folio_unlock(): the WQ_FLAG_WOKEN of a waiter
-        self.wake_done = wake_done_base  # per folio: "wake done" seq and time (lost wake-ups)
-        self.wake_t = wake_t_base
+    __slots__ = ()
 
-    def folio_trylock(self, cpu: CpuContext, pfn: int) -> bool:
+    def __init__(self, region: Region, flags_base: int, owner_base: int, waiters_base: int, wake_base: int, wake_done_base: int, wake_t_base: int) -> None:
+        super().__init__(region, flags_base, owner_base, waiters_base, wake_base, wake_done_base, wake_t_base, PG_LOCKED)
+
+    def _py_folio_trylock(self, cpu: CpuContext, pfn: int) -> bool:
         r, off = self.r, self.flags + pfn * 4
         while True:
             f = r.load32(off)
@@ -459,15 +480,18 @@ class FolioLocks:
                 r.store32(self.owner + pfn * 4, cpu.owner_tag)
                 return True
 
-    def folio_lock(self, cpu: CpuContext, pfn: int) -> int:
-        if self.folio_trylock(cpu, pfn):
+    def _py_folio_lock(self, cpu: CpuContext, pfn: int) -> int:
+        if self._py_folio_trylock(cpu, pfn):
             return 0
+        return self._folio_lock_slow(cpu, pfn)
+
+    def _folio_lock_slow(self, cpu: CpuContext, pfn: int) -> int:
         slept = 0
         r, off = self.r, self.flags + pfn * 4
         cpu.set_waiting(2, 100_000 + pfn)
         r.fetch_add32(self.waiters + pfn * 4, 1)
         try:
-            while not self.folio_trylock(cpu, pfn):
+            while not self.folio_trylock(cpu, pfn):  # one C call on the process backend
                 ticket = r.load32(self.wake + pfn * 4)  # before the flags we sleep on
                 f = r.load32(off)
                 if f & PG_LOCKED:
@@ -482,7 +506,7 @@ class FolioLocks:
         cpu.account_sleep(slept, "folio_lock")
         return slept
 
-    def folio_unlock(self, cpu: CpuContext, pfn: int) -> None:
+    def _py_folio_unlock(self, cpu: CpuContext, pfn: int) -> None:
         r, off = self.r, self.flags + pfn * 4
         r.store32(self.owner + pfn * 4, 0)
         while True:
@@ -491,11 +515,16 @@ class FolioLocks:
                 break
         seq = r.fetch_add32(self.wake + pfn * 4, 1) + 1
         if r.load32(self.waiters + pfn * 4):
-            if not _mutant(cpu, "mutant-folio-unlock-no-wake"):
-                r.futex_wake(off, 1 << 30)  # folio_wake_bit(folio, PG_locked)
-                r.futex_wake(self.wake + pfn * 4, 1 << 30)
-            r.store32(self.wake_t + pfn * 4, wake_t(cpu))  # "wake done" for the lost wake-up check
-            r.store32(self.wake_done + pfn * 4, seq)
+            self._wake_waiters(cpu, pfn, seq)
+
+    def _wake_waiters(self, cpu: CpuContext, pfn: int, seq: int) -> None:
+        """folio_wake_bit(folio, PG_locked), then "wake done" for the lost wake-up check."""
+        r, off = self.r, self.flags + pfn * 4
+        if not _mutant(cpu, "mutant-folio-unlock-no-wake"):
+            r.futex_wake(off, 1 << 30)
+            r.futex_wake(self.wake + pfn * 4, 1 << 30)
+        r.store32(self.wake_t + pfn * 4, wake_t(cpu))
+        r.store32(self.wake_done + pfn * 4, seq)
 
     def folio_test_locked(self, pfn: int) -> bool:
         return bool(self.r.load32(self.flags + pfn * 4) & PG_LOCKED)

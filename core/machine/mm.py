@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ptlab.core.machine._prims import Region
 from ptlab.core.machine.config import HPAGE_PMD_ORDER, PTRS_PER_PTE, RunConfig
+from ptlab.core.machine.errors import Stopped
 from ptlab.core.machine.layout import (
     _PRESENT,
     FOLIO_FIELDS,
@@ -40,6 +41,8 @@ from ptlab.core.machine.layout import (
     PG_LRU,
     POISON_FREE,
     POISON_PT,
+    STOP,
+    STOP_VIOLATION,
     TABLE_FREE_HEAD,
     VM_HUGEPAGE,
     VM_INUSE,
@@ -90,6 +93,17 @@ class Machine:
         self.pmds = ns["pt"].view(np.int64, 0, L.nr_pmds)
         self.f = {name: ns["folio"].view(np.int32, L.folio_field(name), L.nr_frames) for name in FOLIO_FIELDS}
         self.off = {name: L.folio_field(name) for name in FOLIO_FIELDS}
+        # The allocator's plain words (head, order, buddy links; flags of free frames) through the
+        # raw folio segment: like the numpy views above, never a scheduling point (one scalar
+        # Region call costs a quarter of a numpy scalar access)
+        self._rf = ns["folio"].region
+        self._o_head, self._o_order, self._o_flags = self.off["head"], self.off["order"], self.off["flags"]
+        self._o_next, self._o_prev, self._o_ref = self.off["next_free"], self.off["prev_free"], self.off["refcount"]
+        self._o_map = self.off["mapcount"]
+        self._tables_base = L.tables_base  # Layout properties, computed once
+        self._epochs_base = L.epochs_base
+        self._nr_frames = L.nr_frames
+        self._vma_offs = [L.vma(i) for i in range(MAX_VMAS)]
         # locks
         self.mmap_lock = RwSem(self.ctl, L.named_lock("mmap_lock"), "mmap_lock", 0)
         self.anon_vma = RwSem(self.ctl, L.named_lock("anon_vma"), "anon_vma", 1)
@@ -190,14 +204,13 @@ class Machine:
         self.ctl.fetch_add64(o + VMA_GEN, 1)
 
     def vma_range(self, i: int) -> tuple[int, int, int]:
-        o = self.L.vma(i)
+        o = self._vma_offs[i]
         return self.ctl.load64(o + VMA_START), self.ctl.load64(o + VMA_END), self.ctl.load64(o + VMA_FLAGS)
 
     def find_vma(self, vpn: int) -> int:
         """The VMA containing vpn, or -1 (a lockless lookup, like the maple tree under RCU)."""
-        ctl, L = self.ctl, self.L
-        for i in range(MAX_VMAS):
-            o = L.vma(i)
+        ctl = self.ctl
+        for i, o in enumerate(self._vma_offs):
             if ctl.load64(o + VMA_FLAGS) & VM_INUSE and ctl.load64(o + VMA_START) <= vpn < ctl.load64(o + VMA_END):
                 return i
         return -1
@@ -218,16 +231,23 @@ class Machine:
 
 
     def ptep_get(self, table: int, index: int) -> int:
-        return self.pt.load64(self.L.tables_base + (table * PTRS_PER_PTE + index) * 8)
+        return self.pt.load64(self._tables_base + (table * PTRS_PER_PTE + index) * 8)
 
     def set_pte_at(self, table: int, index: int, val: int) -> None:
-        self.pt.store64(self.L.tables_base + (table * PTRS_PER_PTE + index) * 8, val)
+        self.pt.store64(self._tables_base + (table * PTRS_PER_PTE + index) * 8, val)
 
     def ptep_get_and_clear(self, table: int, index: int) -> int:
-        return self.pt.xchg64(self.L.tables_base + (table * PTRS_PER_PTE + index) * 8, 0)
+        return self.pt.xchg64(self._tables_base + (table * PTRS_PER_PTE + index) * 8, 0)
+
+    def ptep_get_and_clear_range(self, table: int, index: int, nr: int) -> np.ndarray:
+        """ptep_get_and_clear() of nr entries from index on, in order, in one call: the old
+        values (an int64 array)."""
+        out = np.empty(nr, dtype=np.int64)
+        self.pt.get_and_clear64(self._tables_base + (table * PTRS_PER_PTE + index) * 8, out)
+        return out
 
     def ptep_cmpxchg(self, table: int, index: int, old: int, new: int) -> bool:
-        return self.pt.cas64(self.L.tables_base + (table * PTRS_PER_PTE + index) * 8, old, new)
+        return self.pt.cas64(self._tables_base + (table * PTRS_PER_PTE + index) * 8, old, new)
 
     def ptes_range(self, table: int, index: int, nr: int) -> np.ndarray:
         """A snapshot copy of nr PTEs (vectorised read, as a scan under the PTL does)."""
@@ -237,7 +257,10 @@ class Machine:
     def set_ptes(self, table: int, index: int, values: np.ndarray | list[int]) -> None:
         """set_ptes()/set_ptes-of-a-batch: plain stores of a range, caller holds the PTL."""
         base = table * PTRS_PER_PTE + index
-        self.ptes[base : base + len(values)] = values
+        if len(values) == 1:  # a fault's one PTE: a scalar store, no array built
+            self.ptes[base] = values[0]
+        else:
+            self.ptes[base : base + len(values)] = values
 
     def alloc_pte_table(self, cpu: CpuContext) -> int:
         """pte_alloc_one(): a page-table page from the page allocator, zeroed; -1 when none is
@@ -321,10 +344,15 @@ class Machine:
         return pmd >> 12 if pmd else -2
 
     def epoch(self, vpn: int) -> int:
-        return self.pt.load32(self.L.epochs_base + vpn * 4)
+        return self.pt.load32(self._epochs_base + vpn * 4)
 
     def bump_epoch(self, vpn: int) -> None:
-        self.pt.fetch_add32(self.L.epochs_base + vpn * 4, 1)
+        self.pt.fetch_add32(self._epochs_base + vpn * 4, 1)
+
+    def bump_epochs(self, vpn: int, nr: int) -> None:
+        """bump_epoch() of nr pages from vpn on, in order, in one call."""
+        offs = self._epochs_base + np.arange(vpn, vpn + nr, dtype=np.int64) * 4
+        self.pt.fetch_add32_each(offs, np.ones(nr, dtype=np.int64))
 
     # ------------------------------------------------------------------------------ folios
     def folio_head(self, pfn: int) -> int:
@@ -394,6 +422,17 @@ class Machine:
         elif left < 0:
             cpu.violation("refcount_underflow", page=head, detail=f"folio {head} refcount went to {left}")
 
+    def folio_counts_add(self, heads: np.ndarray, deltas: np.ndarray, fields: tuple[str, ...]) -> None:
+        """folio_ref_add()/folio_mapcount_add() over a batch of folios in one call: for each
+        folio in turn, an atomic add of ``deltas[i]`` to each of ``fields`` (e.g. ("mapcount",
+        "refcount")), in that order — the order of the per-folio calls it replaces."""
+        k = len(fields)
+        h4 = np.asarray(heads, dtype=np.int64) * 4
+        offs = np.empty(len(h4) * k, dtype=np.int64)
+        for j, name in enumerate(fields):
+            offs[j::k] = self.off[name] + h4
+        self.folio.fetch_add32_each(offs, np.repeat(np.asarray(deltas, dtype=np.int64), k))
+
     def folio_add_new_anon_rmap(self, head: int, nr: int) -> None:
         """A fresh folio (refcount 1 from the allocator) about to be mapped by nr >= 1 PTEs (or
         one PMD): mapcount nr, and folio_ref_add(nr - 1) — an atomic add, so a GUP-fast grab
@@ -409,6 +448,13 @@ class Machine:
             if r.cas32(off, f, (f | bit) if on else (f & ~bit)):
                 return
 
+    def folio_clear_flag_locked(self, head: int, bit: int) -> None:
+        """Clear a flag of a folio whose lock the caller holds (folio_clear_isolated() before the
+        unlock): a plain read-modify-write of the word, as the numpy views do, never a
+        scheduling point."""
+        rf, off = self._rf, self._o_flags + head * 4
+        rf.store32(off, rf.load32(off) & ~bit)
+
     def folio_flags(self, head: int) -> int:
         return self.folio.load32(self.off["flags"] + head * 4)
 
@@ -418,28 +464,44 @@ class Machine:
 
     # ------------------------------------------------------------------------------ allocator
     def _buddy_add(self, pfn: int, order: int) -> None:
-        f = self.f
-        f["order"][pfn] = order
-        f["flags"][pfn] = PG_BUDDY
-        f["refcount"][pfn] = 0
+        rf, p4 = self._rf, pfn * 4
+        rf.store32(self._o_order + p4, order)
+        rf.store32(self._o_flags + p4, PG_BUDDY)
+        rf.store32(self._o_ref + p4, 0)
         first = self.ctl.load32(FREE_HEADS + 4 * order)
-        f["next_free"][pfn] = first
-        f["prev_free"][pfn] = -1
+        rf.store32(self._o_next + p4, first)
+        rf.store32(self._o_prev + p4, -1)
         if first >= 0:
-            f["prev_free"][first] = pfn
+            rf.store32(self._o_prev + first * 4, pfn)
         self.ctl.store32(FREE_HEADS + 4 * order, pfn)
 
     def _buddy_del(self, pfn: int, order: int) -> None:
-        f = self.f
-        nxt, prv = int(f["next_free"][pfn]), int(f["prev_free"][pfn])
+        rf, p4, o_next, o_prev = self._rf, pfn * 4, self._o_next, self._o_prev
+        nxt, prv = rf.load32(o_next + p4), rf.load32(o_prev + p4)
         if prv >= 0:
-            f["next_free"][prv] = nxt
+            rf.store32(o_next + prv * 4, nxt)
         else:
             self.ctl.store32(FREE_HEADS + 4 * order, nxt)
         if nxt >= 0:
-            f["prev_free"][nxt] = prv
-        f["next_free"][pfn] = f["prev_free"][pfn] = -1
-        f["flags"][pfn] = 0
+            rf.store32(o_prev + nxt * 4, prv)
+        rf.store32(o_next + p4, -1)
+        rf.store32(o_prev + p4, -1)
+        rf.store32(self._o_flags + p4, 0)
+
+    def _list_del_entry_valid(self, cpu: CpuContext, pfn: int, order: int) -> None:
+        """__list_del_entry_valid() (CONFIG_DEBUG_LIST): the block taken off a free list must be
+        a free block of that order still linked where the list says.  A free list changed under
+        the taker (the zone lock missing) fails this; like the kernel's "list_del corruption"
+        BUG it ends the run, as a ``frame_accounting`` violation, not as a crash of the model."""
+        rf, p4 = self._rf, pfn * 4
+        ok = 0 <= pfn < self.L.nr_frames and rf.load32(self._o_flags + p4) & PG_BUDDY and rf.load32(self._o_order + p4) == order
+        if ok:
+            prv = rf.load32(self._o_prev + p4)
+            ok = (self.ctl.load32(FREE_HEADS + 4 * order) if prv < 0 else rf.load32(self._o_next + prv * 4)) == pfn
+        if not ok:
+            cpu.violation("frame_accounting", page=max(pfn, -1), detail=f"list_del corruption: CPU {cpu.id} took pfn {pfn} off the order-{order} free list, which no longer holds it there")
+            self.ctl.cas32(STOP, 0, STOP_VIOLATION)
+            raise Stopped()
 
     def alloc_folio(self, cpu: CpuContext, order: int, zero: bool = False) -> int:
         """__folio_alloc(): a folio of 2^order frames (head pfn) with refcount 1, or -1 when no
@@ -458,6 +520,7 @@ class Machine:
             pfn = self.ctl.load32(FREE_HEADS + 4 * o)
             if cpu.hooks:  # a park point for tests/test_mutants.py (no chaos delay here)
                 cpu.chaos("alloc_after_head_read")
+            self._list_del_entry_valid(cpu, pfn, o)
             self._buddy_del(pfn, o)
             while o > order:  # split, giving the upper halves back
                 o -= 1
@@ -466,12 +529,15 @@ class Machine:
         finally:
             zone_lock.unlock(cpu)
         n = 1 << order
-        f = self.f
-        f["head"][pfn : pfn + n] = pfn
-        f["order"][pfn] = order
-        f["mapcount"][pfn] = 0
-        f["pincount"][pfn] = 0
-        f["lock_owner"][pfn] = 0
+        f, rf, p4 = self.f, self._rf, pfn * 4
+        if n == 1:
+            rf.store32(self._o_head + p4, pfn)
+        else:
+            f["head"][pfn : pfn + n] = pfn
+        rf.store32(self._o_order + p4, order)
+        rf.store32(self._o_map + p4, 0)
+        rf.store32(self.off["pincount"] + p4, 0)
+        rf.store32(self.off["lock_owner"] + p4, 0)
         self.folio.store32(self.off["flags"] + pfn * 4, PG_ANON | PG_LRU)
         self.folio.store32(self.off["refcount"] + pfn * 4, 1)
         wpp = self.words_per_page
@@ -502,17 +568,21 @@ class Machine:
         if mc != 0:
             cpu.violation("free_mapped", page=head, detail=f"folio {head} freed with mapcount {mc}")
         self.frames.fill64(head * self.page_size, n * self.words_per_page, POISON_FREE)
-        f = self.f
-        f["head"][head : head + n] = -1
+        rf = self._rf
+        if n == 1:
+            rf.store32(self._o_head + head * 4, -1)
+        else:
+            self.f["head"][head : head + n] = -1
         zone_lock = lock_or_skip(cpu, "mutant-alloc-no-zone-lock", self.zone_lock)
         zone_lock.lock(cpu)  # the buddy lists
         try:
             pfn, o = head, order
+            o_flags, o_order, nr_frames = self._o_flags, self._o_order, self._nr_frames
             while o < MAX_ORDER:
                 buddy = pfn ^ (1 << o)
-                if buddy + (1 << o) > self.L.nr_frames:
+                if buddy + (1 << o) > nr_frames:
                     break
-                if not (f["flags"][buddy] & PG_BUDDY and f["order"][buddy] == o):
+                if not (rf.load32(o_flags + buddy * 4) & PG_BUDDY and rf.load32(o_order + buddy * 4) == o):
                     break
                 self._buddy_del(buddy, o)
                 pfn = min(pfn, buddy)
@@ -535,6 +605,13 @@ class Machine:
     def clear_page(self, pfn: int) -> None:
         self.frames.fill64(pfn * self.page_size, self.words_per_page, 0)
 
+    def copy_pages(self, dst_pfn: int, src_offs: np.ndarray) -> None:
+        """copy_page() of each page of a run in one call: frame dst_pfn + j gets a copy of the
+        frame at byte offset src_offs[j] (pfn * page_size, an int64 array), or is cleared
+        (clear_page()) where src_offs[j] < 0.  The same operations in the same order as the
+        per-page calls (the scheduled backend runs those)."""
+        self.frames.copy_pages(dst_pfn * self.page_size, src_offs, self.page_size)
+
     # ------------------------------------------------------------------------------ zero page
     def is_zero_pfn(self, pfn: int) -> bool:
         """is_zero_pfn(): the shared zero page, which no folio owns (vm_normal_page() is NULL)."""
@@ -543,4 +620,7 @@ class Machine:
     def pte_none_or_zero(self, ptes: np.ndarray) -> np.ndarray:
         """Per entry of an int64 PTE array: pte_none() || is_zero_pfn(pte_pfn()) — what
         khugepaged counts against max_ptes_none and fills with zeroes (a bool array)."""
-        return (ptes == 0) | (((ptes & _PRESENT) != 0) & ((ptes >> PFN_SHIFT) == self.zero_pfn))
+        # present with pfn == zero_pfn, as one masked compare: (pte >> PFN_SHIFT) == zero_pfn
+        # exactly when the bits above the flags are zero_pfn's
+        zero_pte = self.zero_pfn << PFN_SHIFT | _PRESENT
+        return (ptes == 0) | ((ptes & (-(1 << PFN_SHIFT) | _PRESENT)) == zero_pte)

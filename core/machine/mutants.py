@@ -49,15 +49,18 @@ CPUS: dict[str, dict[str, int]] = {
 }
 
 
-# How long a pin cell's GUP CPU holds each pin (µs).  A pin exposes a missing reference check
-# only if it is taken before the collapse's unmap and still held after its copy; on a 2-core
-# host that span includes the flush's wait for every target CPU to be scheduled, which is
-# milliseconds (measured: 5-18 ms with four busy simulated CPUs), so short holds almost never
-# span it (0 of 5 runs caught migration-no-refcheck at 50 µs, 0 at 2 ms, 0 at 10 ms; 30 ms: 15
-# of 20).  And the pin must be in the range being collapsed: the pin cells' GUP CPU waits for a
-# collapse and pins one of its pages (``stress_target="collapse"``) instead of following the
-# workload, which put a pin in the collapsing range in about one collapse in four.
-PIN_HOLD_US = 30_000
+# How long a pin cell's GUP CPU holds each pin at least (µs).  A pin exposes a missing reference
+# check only if it is taken before the collapse's unmap and still held after its copy; on a
+# 2-core host that span includes the flush's wait for every target CPU to be scheduled, which is
+# milliseconds (measured: 5-18 ms with four busy simulated CPUs), so short fixed holds almost
+# never span it (0 of 5 runs caught migration-no-refcheck at 50 µs, 0 at 2 ms, 0 at 10 ms; 30 ms:
+# 15 of 20).  And the pin must be in the range being collapsed: the pin cells' GUP CPU waits for
+# a collapse and pins one of its pages (``stress_target="collapse"``) instead of following the
+# workload, which put a pin in the collapsing range in about one collapse in four.  Such a
+# targeted pin is held until the collapse it was aimed at is over (core/kernel/roles.py
+# TARGET_HOLD_MAX_NS), so the hold spans the copy however long the flush waited, and the GUP
+# CPU aims at a new collapse as soon as that one ends instead of sitting out a fixed 30 ms.
+PIN_HOLD_US = 200
 # The longest chaos delay of a check cell (µs): race windows at the named points (between a
 # collapse's isolation and its unmap, a zap's clear and its flush, a GUP walk's PTE read and its
 # grab …) are held open up to a millisecond, long enough for another process to be scheduled
@@ -169,7 +172,10 @@ _REGISTRY: list[Mutant] = [
     _m("mutant-migration-unmap-no-ptl", "the PTL around the unmap (installing the migration entries)", "migration_entry.collapse()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
     _m("mutant-migration-install-no-ptl", "the PTL of remove_migration_ptes()", "migration_entry.collapse()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
     _m("mutant-alloc-no-zone-lock", "zone->lock around the buddy free lists", "machine.alloc_folio()/free_folio()", MAPPING + ("frame_accounting", "double_free", "use_after_free", "wrong_page"), Cell("ptl-hold")),
-    _m("mutant-pmd-install-no-lock", "the PMD lock of pmd_install(): one installer wins", "machine.pte_table_for()", MAPPING, Cell("pmd-clear", 9, cpus="zap")),
+    # two faults must meet in pmd_install() of a PMD left none, which only zap_huge_pmd() does:
+    # the zap CPU's MADV_DONTNEED covers whole 2 MiB ranges (an 8-page one that meets a THP
+    # splits it instead, and leaves the PMD a table)
+    _m("mutant-pmd-install-no-lock", "the PMD lock of pmd_install(): one installer wins", "machine.pte_table_for()", MAPPING, Cell("pmd-clear", 9, cpus="zap", extra=(("zap_pages", 512),))),
     _eq("mutant-pmd-clear-no-pmd-lock", "the PMD lock around pmdp_collapse_flush() and pmd_populate()", "pmd_clear.collapse()",
         "the kernel calls it \"probably unnecessary\": mmap_lock for write already excludes every other PMD writer (split and zap_huge_pmd hold mmap_lock for read)"),
     _eq("mutant-pmd-clear-detached-no-ptl", "the PTL of the detached table in pmd-clear", "pmd_clear.collapse()",

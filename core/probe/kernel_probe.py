@@ -351,6 +351,35 @@ def placement(cores: Sequence[int], kinds: Sequence[str]) -> dict[str, int]:
     return {k: cores[0] if i == 0 else load[(i - 1) % len(load)] for i, k in enumerate(kinds)}
 
 
+def sim_placement(params: Mapping[str, Any], config: Any) -> str:
+    """``--placement`` for a simulated run of ``config`` that puts each simulated CPU where the
+    kernel run (its metadata ``params``) ran the thread of the same role: the collapser's core
+    for khugepaged, fault-same's for the app CPUs of the collapsing VMA (even ids, as
+    ``--workload refault`` assigns them), fault-other's for the odd ones, mmap's and pin's
+    (gup-fast) for theirs, SCHED_IDLE where the thread was.  Raises ConfigError when the run
+    has a role the kernel run had no thread for."""
+    from ptlab.core.kernel.roles import assign_roles
+
+    threads = params.get("threads") or {}
+    if not threads:
+        raise ConfigError("the kernel result records no thread placement (params.threads); make it again with `ptlab kernel`")
+    items = []
+    for i, role in enumerate(assign_roles(config)):
+        kind = {"khugepaged": "collapser", "mmap": "mmap", "gup-fast": "pin"}.get(role)
+        if role == "app":
+            kind = "fault-other" if i % 2 else "fault-same"
+        th = threads.get(kind or "")
+        if th is None:
+            raise ConfigError(f"--placement from a kernel run: CPU {i} runs {role}, and the kernel run had no such thread "
+                              f"(it ran {', '.join(sorted(threads))}); give --placement CORE[:idle],... instead")
+        if th.get("pinned") is False or int(th.get("cpu", -1)) < 0:
+            raise ConfigError(f"--placement from a kernel run: its {kind} thread was not pinned to a core (it ran where "
+                              f"the host's scheduler put it); give --placement CORE[:idle],... instead")
+        core = int(th["cpu"])
+        items.append(f"{core}:idle" if th.get("sched_idle") else str(core))
+    return ",".join(items)
+
+
 @dataclass(frozen=True)
 class PinSource:
     """Where the pin thread reads from: an O_DIRECT file descriptor (-1: no pin thread)."""
@@ -893,6 +922,25 @@ def _classify(paths: Sequence[Path]) -> tuple[RunResult, RunResult | None, RunRe
     return loaded[0], base, sims[0]
 
 
+def _placement_notes(kernel: RunResult, sim: RunResult) -> list[str]:
+    """A note when a virtual-time run did not place its CPUs as the kernel ran its threads
+    (which core, SCHED_IDLE): who runs during a collapse then differs by construction."""
+    if sim.meta.get("clock") != "virtual":
+        return []
+    from ptlab.core.machine.config import RunConfig
+
+    params = dict(sim.meta.get("params") or {})
+    try:
+        want = sim_placement(kernel.meta.get("params") or {}, RunConfig.from_dict(params))
+    except (ConfigError, TypeError):
+        return []
+    have = params.get("placement") or ""
+    if have == want:
+        return []
+    return [f"the virtual run places its CPUs as {have or 'one core each'!r}, the kernel ran its threads as {want!r} "
+            f"(core[:idle] per CPU); run it with --placement {kernel.path} for the same shape"]
+
+
 def fidelity(paths: Sequence[str | os.PathLike[str]]) -> FidelityReport:
     """Hold a kernel run (``ptlab kernel``) against a simulated pmd-clear run.
 
@@ -926,6 +974,7 @@ def fidelity(paths: Sequence[str | os.PathLike[str]]) -> FidelityReport:
     if sim_orders - {HPAGE_PMD_ORDER}:
         notes.append(f"the simulated run collapsed order(s) {sorted(sim_orders)}; MADV_COLLAPSE "
                      f"collapses order {HPAGE_PMD_ORDER} only")
+    notes += _placement_notes(kernel, sim)
     mismatches = incompatibilities(kernel.meta.get("host") or {}, sim.meta.get("host") or {})
     if mismatches:
         notes.append("the simulated run comes from another host (" + "; ".join(map(str, mismatches))

@@ -94,7 +94,7 @@ def collapse(c: Collapse) -> str:
             # (none or zero page) a hole marker (mark) or pte_none (backoff); one flush for the
             # range, then the pin check (clear first, then check: §2.3 A1 -> A2)
             c.phase("unmap")
-            hole = m.pte_none_or_zero(ptes)
+            hole = c.holes(ptes)
             fill = pte_mk_migration(c.new_ptes()) if mark else np.zeros(c.nr, dtype=np.int64)
             entries = np.where(hole, fill, pte_mk_migration(ptes))
             m.set_ptes(c.t, c.first, entries)
