@@ -680,3 +680,25 @@ def test_stop_on_ends_the_run_at_the_first_violation_of_those_kinds():
         a.violation("lost_write", detail="a listed kind")
         assert a.ctl.load32(STOP) == STOP_VIOLATION
     assert RunConfig.from_dict(RunConfig(stop_on=("lost_write",)).to_dict()).stop_on == ("lost_write",)
+
+
+def test_a_collapse_meeting_a_freed_folio_in_its_snapshot_ends_the_run_as_free_mapped():
+    """The rmap batch of a collapse (Collapse.folios_of): every folio of its PTE snapshot is
+    locked and isolated, so a free frame there is a folio freed while mapped (what a zap
+    without the PTL leaves): ``free_mapped``, and the run ends (STOP_VIOLATION), never a crash
+    of the model.  Frames still in use pass."""
+    import numpy as np
+    from ptlab.core.kernel.khugepaged import Collapse
+    from ptlab.core.machine.layout import STOP, STOP_VIOLATION
+
+    with Stepper(strategy="migration-entry", order=4) as st:
+        k = st.cpu(1, "khugepaged")
+        c = Collapse(cpu=k, start=0, order=4)
+        pfns = (st.m.ptes_range(st.m.pmdp_get(0) >> 12, 0, 16) >> 12)
+        heads, counts = c.folios_of(pfns)
+        assert (heads >= 0).all() and counts.sum() == 16 and k.ctl.load32(STOP) == 0
+        free = int(np.nonzero(st.m.f["head"] < 0)[0][0])
+        with pytest.raises(Stopped):
+            c.folios_of(np.append(pfns, free))
+        assert [v["kind"] for v in k.violations] == ["free_mapped"]
+        assert k.ctl.load32(STOP) == STOP_VIOLATION

@@ -21,6 +21,7 @@ import numpy as np
 from ptlab.core.kernel.paths import lock_vma_under_rcu
 from ptlab.core.machine.config import HPAGE_PMD_ORDER, PTRS_PER_PTE
 from ptlab.core.machine.cpu import CpuContext
+from ptlab.core.machine.errors import Stopped
 from ptlab.core.machine.events import PHASES
 from ptlab.core.machine.layout import (
     _DIRTY,
@@ -33,6 +34,8 @@ from ptlab.core.machine.layout import (
     PG_ISOLATED,
     PG_LOCKED,
     PG_LRU,
+    STOP,
+    STOP_VIOLATION,
     pmd_trans_huge,
 )
 from ptlab.core.machine.mm import VMA_COLLAPSE, Machine
@@ -293,9 +296,24 @@ class Collapse:
         folio alive (zero-page PTEs map no folio).  Returns (head, nr) pairs."""
         m = self.m
         present = ptes[~self.holes(ptes)]
-        heads, counts = np.unique(m.f["head"][present >> 12], return_counts=True)
+        heads, counts = self.folios_of(present >> 12)
         m.folio_counts_add(heads, -counts, ("mapcount", "refcount"))
         return list(zip(heads.tolist(), counts.tolist()))
+
+    def folios_of(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The folios (heads) behind the pages of a PTE snapshot and how many pages each.  The
+        snapshot's folios are locked and isolated, so none can be freed; a free frame here (head
+        -1) is a folio freed while still mapped — the kernel's bad_page() — which a path that
+        changed the PTEs without the PTL leaves behind: recorded as ``free_mapped``, and the
+        run ends there instead of in the model's own arithmetic on a freed frame."""
+        m, cpu = self.m, self.cpu
+        heads, counts = np.unique(m.f["head"][pfns], return_counts=True)
+        if len(heads) and heads[0] < 0:
+            pfn = int(pfns[m.f["head"][pfns] < 0][0])
+            cpu.violation("free_mapped", page=pfn, detail=f"CPU {cpu.id}'s collapse found frame {pfn} of its PTE snapshot free: its folio was freed while mapped")
+            cpu.ctl.cas32(STOP, 0, STOP_VIOLATION)
+            raise Stopped()
+        return heads, counts
 
     def add_rmaps(self, ptes: np.ndarray) -> None:
         """remove_migration_ptes(src, src) on back-off: folio_get() + folio_add_anon_rmap_pte()
@@ -304,7 +322,7 @@ class Collapse:
         if not len(ptes):
             return
         m = self.m
-        heads, counts = np.unique(m.f["head"][ptes >> 12], return_counts=True)
+        heads, counts = self.folios_of(ptes >> 12)
         m.folio_counts_add(heads, counts, ("refcount", "mapcount"))
 
     def release_old(self) -> None:
