@@ -58,7 +58,7 @@ def explore_cmd(
     inject_bug: Annotated[list[str] | None, typer.Option("--inject-bug", help="Inject a named bug or mutant (repeatable); see `ptlab strategies`. Needs --unsafe.")] = None,
     chaos: Annotated[bool, typer.Option("--chaos", help="The process backend's random delays at race points (here: one more point each).")] = False,
     pin_hold_us: Annotated[int, typer.Option(help="How long a pin is held: the device writes through it every 20 µs.")] = 1000,
-    pin_target: Annotated[str, typer.Option(metavar="[workload|collapse]", help="Where GUP CPUs pin: where the workload goes, or in the range being collapsed.")] = "workload",
+    stress_target: Annotated[str, typer.Option("--stress-target", "--pin-target", metavar="[workload|collapse]", help="Where GUP and zap CPUs act: where the workload goes, or in the range being collapsed.")] = "workload",
     nr_pmds: Annotated[int, typer.Option(help="Size of the collapsing VMA in PMDs (512 pages each).")] = 1,
     zap_pages: Annotated[int, typer.Option(help="Pages per MADV_DONTNEED of app and zap CPUs (512: whole PMDs, so a THP is zapped whole by zap_huge_pmd instead of split).")] = 8,
     frames: Annotated[int, typer.Option(help="Physical frames (0: sized from the VMA).")] = 0,
@@ -126,7 +126,7 @@ def explore_cmd(
     config = RunConfig(strategy=strategy.value, order=order, cpus=cpus, workload=workload.value, seed=seed, flush=flush.value,
                        ptl=ptl.value, vma_locks=vma_locks, inject_bugs=bugs, unsafe=unsafe, chaos=chaos, pin_hold_us=pin_hold_us,
                        nr_pmds=nr_pmds, nr_frames=frames, zap_pages=zap_pages, max_ptes_none=max_ptes_none, mthp_fault_order=mthp_fault_order,
-                       holes=holes.value, vma_stability=vma_stability.value, **_pin_target(pin_target))
+                       holes=holes.value, vma_stability=vma_stability.value, stress_target=stress_target)
     if depth is not None:
         if not 1 <= depth <= 10:
             raise ConfigError(f"--depth {depth} is out of range; PCT depths are 1..10")
@@ -158,16 +158,6 @@ def explore_cmd(
         _replay(plan, replay_seed, None, out, source=f"seed {replay_seed}")
         return
     _explore(plan, schedules, seed, workers, batch, address, out, no_shrink, shrink_budget)
-
-
-def _pin_target(value: str) -> dict[str, str]:
-    import dataclasses
-
-    if "pin_target" in {f.name for f in dataclasses.fields(RunConfig)}:
-        return {"pin_target": value}
-    if value != "workload":
-        raise ConfigError("--pin-target: this ptlab's RunConfig has no pin target; drop the flag")
-    return {}
 
 
 def _round_k(steps: int) -> int:
@@ -362,8 +352,8 @@ def _seed_command(plan: Any, seed: int) -> str:
             argv += [f"--{name.replace('_', '-')}", str(getattr(c, name))]
     if not c.vma_locks:
         argv.append("--no-vma-locks")
-    if getattr(c, "pin_target", "workload") != "workload":
-        argv += ["--pin-target", c.pin_target]
+    if c.stress_target != "workload":
+        argv += ["--stress-target", c.stress_target]
     for b in c.inject_bugs:
         argv += ["--inject-bug", b]
     if c.inject_bugs:

@@ -22,6 +22,11 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 STRATEGIES = ("pmd-clear", "ptl-hold", "migration-entry")
 
 
+def _first(meta: dict) -> list[str]:
+    """The first violations with their role, phase and detail, for a failure message."""
+    return [f"{v['kind']} by {v['role']} in {v['phase']}: {v['detail']}" for v in meta["violations"][:3]]
+
+
 def run(tmp_path: Path, **kw) -> tuple[dict, object]:
     from ptlab.cluster.cell import run_cell
 
@@ -93,7 +98,7 @@ def test_known_answers_gup_fast_pmd_recheck_and_sync_ipi(tmp_path, case):
     meta, df = run(tmp_path, duration_s=6.0, **case.params())
     assert int((df.op == "collapse").sum()) >= 5
     ok, observed = verdict(case, meta["summary"]["violation_kinds"])
-    assert ok, f"{case.label} ({case.flush}): {observed}; expected {case.expect or 'clean'}"
+    assert ok, f"{case.label} ({case.flush}): {observed}; expected {case.expect or 'clean'}; first: {_first(meta)}"
 
 
 def test_injecting_a_bug_needs_unsafe():

@@ -171,14 +171,24 @@ class CpuContext(CpuBase):
             self.service_ipi()
 
     def service_ipi(self) -> None:
-        """The IPI handler: flush_tlb_func() with x86's generation rule, then ack."""
+        """The IPI handler: flush_tlb_func() with x86's generation rule, then ack.
+
+        The kernel queues one flush_tlb_info per request (a csd); here concurrent requests
+        merge into one mailbox (``post_flush``), so the order of the takes matters.  A poster
+        writes its range before its generation, and the handler takes the generation before
+        the range: whenever the handler sees a request's generation it also sees that
+        request's whole range, so the partial flush of flush_tlb_func() covers it.  A range
+        taken without its generation (the poster was between the two) comes with an mm
+        generation already past the one taken, which forces a full flush.  The flag is cleared
+        with an exchange, a full barrier before the request count is read (a plain store
+        could pass that load and wipe a flag posted meanwhile)."""
         self.charge("ipi_handler")
         ctl, b = self.ctl, self.base
-        ctl.store32(b + CPU_IPI_FLAG, 0)
+        ctl.xchg32(b + CPU_IPI_FLAG, 0)
         req = ctl.load64(b + CPU_IPI_REQ)
+        new_gen = ctl.xchg64(b + CPU_IPI_GEN, 0)
         start = ctl.xchg64(b + CPU_IPI_START, NO_RANGE_START)
         end = ctl.xchg64(b + CPU_IPI_END, -1)
-        new_gen = ctl.xchg64(b + CPU_IPI_GEN, 0)
         nreq = ctl.xchg64(b + CPU_IPI_NGEN, 0)
         if start <= end:
             self.flush_tlb_func(start, end, new_gen if nreq == 1 else -1)
@@ -300,29 +310,34 @@ class CpuContext(CpuBase):
     def access_end(self) -> None:
         self.ctl.store32(self.base + CPU_IN_ACCESS, 0)
 
+    def post_flush(self, c: int, start: int, end: int, gen: int) -> int:
+        """Post a flush request to CPU c's mailbox and raise its IPI flag; returns the request
+        number its ack must reach.  The range goes in before the generation (service_ipi takes
+        them in the other order)."""
+        ctl, b = self.ctl, self.m.L.cpu(c)
+        if start <= end:
+            while True:  # merge the range: atomic min on start, max on end
+                s = ctl.load64(b + CPU_IPI_START)
+                if s <= start or ctl.cas64(b + CPU_IPI_START, s, start):
+                    break
+            while True:
+                e = ctl.load64(b + CPU_IPI_END)
+                if e >= end or ctl.cas64(b + CPU_IPI_END, e, end):
+                    break
+            while True:  # the highest generation asked for, and how many asked
+                g = ctl.load64(b + CPU_IPI_GEN)
+                if g >= gen or ctl.cas64(b + CPU_IPI_GEN, g, gen):
+                    break
+            ctl.fetch_add64(b + CPU_IPI_NGEN, 1)
+        want = ctl.fetch_add64(b + CPU_IPI_REQ, 1) + 1
+        ctl.store32(b + CPU_IPI_FLAG, 1)
+        return want
+
     def _ipi_and_wait(self, start: int, end: int, targets: list[int], gen: int = 0) -> None:
         if not targets:
             return
         ctl, L = self.ctl, self.m.L
-        want = {}
-        for c in targets:
-            b = L.cpu(c)
-            if start <= end:
-                while True:  # merge the range: atomic min on start, max on end
-                    s = ctl.load64(b + CPU_IPI_START)
-                    if s <= start or ctl.cas64(b + CPU_IPI_START, s, start):
-                        break
-                while True:
-                    e = ctl.load64(b + CPU_IPI_END)
-                    if e >= end or ctl.cas64(b + CPU_IPI_END, e, end):
-                        break
-                while True:  # the highest generation asked for, and how many asked
-                    g = ctl.load64(b + CPU_IPI_GEN)
-                    if g >= gen or ctl.cas64(b + CPU_IPI_GEN, g, gen):
-                        break
-                ctl.fetch_add64(b + CPU_IPI_NGEN, 1)
-            want[c] = ctl.fetch_add64(b + CPU_IPI_REQ, 1) + 1
-            ctl.store32(b + CPU_IPI_FLAG, 1)
+        want = {c: self.post_flush(c, start, end, gen) for c in targets}
         ctl.store32(self.base + CPU_STATE, ST_IPI_WAIT)
         t0 = self.now()
         last_check = t0
