@@ -1,4 +1,5 @@
-"""The flush-IPI mailbox, checked over every interleaving of a poster and the handler.
+"""TLB-flush delivery: the IPI mailbox over every interleaving of a poster and the handler,
+and the broadcast ring when a slot is rewritten under its reader.
 
 Concurrent flush requests to one CPU merge into its mailbox (range, highest generation, count,
 request number, flag: CpuContext.post_flush); the handler (CpuContext.service_ipi) takes them
@@ -183,3 +184,30 @@ def test_a_lone_request_is_a_partial_flush():
         f.post_flush(a.id, 10, 20, a.local_gen + 1)
         a.service_ipi()
         assert [v for v in range(N) if v not in a.tlb] == list(range(10, 20))
+
+
+def test_a_broadcast_slot_rewritten_under_the_reader_clears_the_tlb():
+    """Broadcast mode: invalidation g's range sits in ring slot g % BCAST_RING until the claim
+    BCAST_RING later rewrites it — before that claim is published.  A CPU reading slot g just
+    after the rewrite drops the wrong range; it must notice the claim and flush everything."""
+    from ptlab.core.machine.cpu import BCAST_CLAIM
+    from ptlab.core.machine.layout import BCAST, BCAST_RING, TLB_GEN
+
+    with two_cpus() as (st, a, _):
+        ctl = st.m.ctl
+        for v in range(N):
+            a.tlb_fill(v, 1000 + v, True)
+        g0 = ctl.load64(TLB_GEN)
+        a.tlb_gen = g0
+        g = g0 + 1
+        slot = BCAST + (g % BCAST_RING) * 16
+        ctl.store64(slot, 0)
+        ctl.store64(slot + 8, N)  # invalidation g: [0, N), published
+        ctl.store64(BCAST_CLAIM, g)
+        ctl.store64(TLB_GEN, g)
+        # BCAST_RING claims later, one flusher has claimed g + BCAST_RING and rewritten slot g
+        ctl.store64(BCAST_CLAIM, g + BCAST_RING)
+        ctl.store64(slot, 5000)
+        ctl.store64(slot + 8, 5008)
+        a.check_broadcast()
+        assert not [v for v in range(N) if v in a.tlb]

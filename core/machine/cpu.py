@@ -246,7 +246,9 @@ class CpuContext(CpuBase):
             for g in range(self.tlb_gen + 1, gen + 1):
                 slot = BCAST + (g % BCAST_RING) * 16
                 self.tlb_drop(self.ctl.load64(slot), self.ctl.load64(slot + 8))
-            if self.ctl.load64(TLB_GEN) - self.tlb_gen >= BCAST_RING:
+            # a slot is rewritten by the claim BCAST_RING after it, before that claim is
+            # published: if such a claim was made, a range just read may not be its own
+            if self.ctl.load64(BCAST_CLAIM) - self.tlb_gen >= BCAST_RING:
                 self.tlb.clear()
         self.tlb_gen = gen
 
