@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ptlab-installed
 # the hot paths setup.py compiles with Cython (core/machine/build.py: COMPILED): an edit to one
 # of them makes `make test` / `make run` rebuild it first
 HOT := $(shell $(PYTHON) -c "import runpy; print(' '.join('core/%s.py' % m for m in runpy.run_path('core/machine/build.py')['COMPILED']))")
-SOURCES := pyproject.toml setup.py core/machine/build.py $(wildcard core/*/*.c) $(HOT)
+SOURCES := pyproject.toml setup.py core/machine/build.py $(wildcard core/*/*.c) $(wildcard core/*/*.pxd) $(HOT)
 
 .PHONY: run test install lint clean
 

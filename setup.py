@@ -58,8 +58,21 @@ def compiled_extensions() -> list[Extension]:
         Extension(BUILD.module_name(rel), [f"core/{rel}.py"], extra_compile_args=["-O2", "-Wno-unused-function"])
         for rel in BUILD.COMPILED
     ]
+    # Cython finds the declarations core/X.pxd of module ptlab.core.X (an augmenting .pxd beside
+    # a compiled .py, or _prims.pxd for the C types) as ptlab/core/X.pxd on its include path; the
+    # package directory is this checkout (package-dir): a link to each
+    include = HERE / CYTHON_DIR / "include"
+    for link in include.glob("ptlab/core/*/*.pxd"):
+        if not link.resolve().is_file():
+            link.unlink()
+    for pxd in (HERE / "core").glob("*/*.pxd"):
+        link = include / "ptlab" / pxd.relative_to(HERE)
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(pxd)
     out = cythonize(
         exts,
+        include_path=[str(include)],
         build_dir=str(CYTHON_DIR),
         nthreads=os.cpu_count() or 1,
         quiet=True,

@@ -79,6 +79,55 @@ def test_an_edited_source_is_stale(tmp_path: Path):
     assert build.decide(core, {"PTLAB_PURE": "1"}).build == "pure"
 
 
+def test_an_edited_pxd_is_stale_too(tmp_path: Path):
+    """The types in an augmenting X.pxd are part of what X's extension was built from: adding,
+    editing or removing it makes the build stale, as a .py edit does; a .pxd that was there at
+    build time and is unchanged does not."""
+    core = _fake_core(tmp_path, build.COMPILED)
+    (core / "kernel/paths.pxd").write_text("cpdef long long translate(object cpu, long long vpn, bint write)\n")
+    assert build.decide(core, {}).stale == ["ptlab.core.kernel.paths"]  # added after the build
+    hashes = {rel: build.source_hash(core / f"{rel}.py") for rel in build.COMPILED}
+    (core / build.HASHES_NAME).write_text(json.dumps({"format": 1, "sources": hashes}))
+    assert build.decide(core, {}).build == "compiled"  # built with it, unchanged
+    (core / "kernel/paths.pxd").write_text("cpdef long long translate(object cpu, int vpn, bint write)\n")
+    assert build.decide(core, {}).stale == ["ptlab.core.kernel.paths"]
+    (core / "kernel/paths.pxd").unlink()
+    assert build.decide(core, {}).stale == ["ptlab.core.kernel.paths"]
+
+
+def test_a_module_that_cimports_one_running_as_python_runs_as_python_too(tmp_path: Path):
+    """paths.pxd cimports Machine from mm.pxd: a compiled paths cannot import beside a pure or
+    stale mm (its extension type is not there), so paths follows mm, and cpu (which cimports mm
+    too) likewise; without the cimport (the negative control) paths stays compiled."""
+    rels = ("machine/mm", "machine/cpu", "kernel/paths")
+    if not set(rels) <= set(build.COMPILED):
+        pytest.skip("mm, cpu and paths are not all compiled")
+    core = _fake_core(tmp_path, build.COMPILED)
+    (core / "machine/cpu.pxd").write_text("from ptlab.core.machine.mm cimport Machine\n")
+    (core / "kernel/paths.pxd").write_text("cimport cython\nfrom ptlab.core.machine.cpu cimport CpuContext\n")
+    hashes = {rel: build.source_hash(core / f"{rel}.py") for rel in build.COMPILED}
+    (core / build.HASHES_NAME).write_text(json.dumps({"format": 1, "sources": hashes}))
+    assert build.decide(core, {}).build == "compiled"
+    info = build.decide(core, {"PTLAB_PURE": "mm"})
+    assert sorted(info.forced_pure) == sorted(build.module_name(r) for r in rels) and not info.stale
+    (core / "machine/mm.py").write_text("WHO = 'edited'\n")
+    info = build.decide(core, {})
+    assert sorted(info.stale) == sorted(build.module_name(r) for r in rels)
+    assert info.build == "mixed" and all(leaf in info.describe() for leaf in ("mm", "cpu", "paths"))
+    # the negative control: a paths.pxd that cimports nothing of ptlab keeps paths compiled
+    (core / "machine/cpu.pxd").unlink()
+    (core / "kernel/paths.pxd").write_text("cimport cython\n")
+    hashes = {rel: build.source_hash(core / f"{rel}.py") for rel in build.COMPILED if rel != "machine/mm"}
+    (core / build.HASHES_NAME).write_text(json.dumps({"format": 1, "sources": hashes}))
+    assert build.decide(core, {}).stale == [build.module_name("machine/mm")]
+
+
+def test_every_pxd_declares_a_compiled_module_or_the_c_types():
+    """A .pxd beside a module that is not compiled would be dead text (Cython never reads it)."""
+    rels = {str(p.relative_to(ROOT / "core").with_suffix("")) for p in (ROOT / "core").glob("*/*.pxd")}
+    assert rels - {"machine/_prims"} <= set(build.COMPILED), rels
+
+
 def test_a_module_no_longer_compiled_is_stale_when_its_old_build_is_left(tmp_path: Path):
     dropped = [m for m in build.CANDIDATES if m not in build.COMPILED]
     if not dropped:

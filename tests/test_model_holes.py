@@ -46,7 +46,7 @@ from ptlab.core.machine.layout import (
     is_migration_entry,
     pte_mk,
 )
-from ptlab.core.machine.mm import VMA_COLLAPSE
+from ptlab.core.machine.mm import VMA_COLLAPSE, VMA_OTHER
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _stepper import Stepper  # noqa: E402
@@ -274,6 +274,69 @@ def test_vma_stability_is_refused_for_pmd_clear_and_without_vma_locks(capsys, tm
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ MADV_DONTNEED's locks
+SECOND_PMD = 512  # a page of the collapsing VMA under another PTE table than the collapsing range
+
+
+@pytest.mark.parametrize("strategy", ["ptl-hold", "migration-entry"])
+@pytest.mark.parametrize("how", ["vma-lock", "no-vma-locks", "crosses-vma-end"])
+def test_zap_beside_a_mmap_lock_collapse_takes_only_the_vma_lock(strategy, how):
+    """MADV_DONTNEED under the per-VMA lock (do_madvise(): MADVISE_VMA_READ_LOCK,
+    try_vma_read_lock()): a collapse holding mmap_lock for read is parked mid-copy and an mmap()
+    is queued behind it for write.  A zap of the collapsing VMA completes meanwhile — it holds
+    only the VMA's read lock, which neither excludes.  Where the VMA lock cannot serve
+    (``--no-vma-locks``, or a range that ends beyond the VMA: is_vma_lock_sufficient()), it falls
+    back to mmap_read_lock() and sleeps behind the queued writer, as every zap did before."""
+    with Stepper(strategy=strategy, order=ORDER, vma_stability="mmap-lock", vma_locks=how != "no-vma-locks", nr_pmds=2,
+                 cpus={"app": 1, "mmap": 1, "khugepaged": 1}) as st:
+        a, mm, k = st.cpu(0, "app"), st.cpu(1, "mmap"), st.cpu(2, "khugepaged")
+        m = st.m
+        st.park_at(k, "collapse_mid_copy")
+        job = _collapse(st, k)
+        st.wait_parked(k, job=job)
+        mapping = st.start(mm, lambda: do_mmap(mm, FIRST_CHURN_SLOT))
+        _wait_sleeping_on(st, mm, m.mmap_lock.lock_id)  # a writer queued behind the collapse
+        end = m.vma_range(VMA_COLLAPSE)[1]
+        start, nr = (end - 4, 8) if how == "crosses-vma-end" else (SECOND_PMD, 8)
+        zap = st.start(a, lambda: zap_range(a, start, nr))
+        if how == "vma-lock":
+            assert st.join(zap) >= 0
+            assert not job.done.is_set() and not mapping.done.is_set()  # both still where they were
+            assert m.mmap_lock.statistics()["readers"] == [k.id]  # the zap never took mmap_lock
+        else:
+            _wait_sleeping_on(st, a, m.mmap_lock.lock_id)
+        st.resume(k)
+        assert st.join(job)[0] == "SCAN_SUCCEED"
+        st.join(mapping)
+        st.join(zap)
+        _clean(st)
+
+
+@pytest.mark.parametrize("vma", ["same", "other"])
+def test_pmd_clear_excludes_a_zap_of_the_collapsing_vma_only(vma):
+    """pmd-clear holds mmap_lock for write and vma_start_write()s the collapsing VMA: a zap of
+    that VMA cannot read-lock it, falls back to mmap_read_lock() and sleeps until the collapse
+    is over; a zap of another VMA read-locks its own VMA and completes meanwhile (the kernel's
+    other-VMA zaps never sleep in a collapse)."""
+    with Stepper(strategy="pmd-clear", order=ORDER, nr_pmds=2, cpus={"app": 1, "khugepaged": 1}) as st:
+        a, k = st.cpu(0, "app"), st.cpu(1, "khugepaged")
+        m = st.m
+        st.park_at(k, "collapse_mid_copy")
+        job = _collapse(st, k)
+        st.wait_parked(k, job=job)
+        start = SECOND_PMD if vma == "same" else m.vma_range(VMA_OTHER)[0]
+        zap = st.start(a, lambda: zap_range(a, start, 8))
+        if vma == "same":
+            _wait_sleeping_on(st, a, m.mmap_lock.lock_id)
+        else:
+            st.join(zap)
+            assert not job.done.is_set()
+        st.resume(k)
+        assert st.join(job)[0] == "SCAN_SUCCEED"
+        st.join(zap)
+        _clean(st)
 
 
 # ------------------------------------------------------------------------------ item 8: zero page

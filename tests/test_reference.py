@@ -25,7 +25,9 @@ def _script_commands() -> list[list[str]]:
 def test_the_script_makes_valid_runs(monkeypatch):
     """Every command of make.sh builds valid configurations (captured, not run)."""
     import ptlab.cli.commands_run as cr
-    from ptlab.cli.main import app
+    from ptlab.cli.main import _register, app
+
+    _register()  # the commands, as `ptlab` registers them (this test may run alone)
 
     captured: list[RunConfig] = []
     monkeypatch.setattr(cr, "run_configs", lambda configs, *a, **kw: captured.extend(configs) or [])

@@ -676,6 +676,16 @@ class SchedRegion:
         for j in range(len(out)):
             out[j] = self.xchg64(off + 8 * j, 0)
 
+    def tlb_xchg64(self, tlb: dict[int, int], vpn: int, page_size: int, word_off: int, new: int) -> tuple[int, int] | None:
+        """Region.tlb_xchg64: the TLB lookup (no shared word), then the load64 and store64."""
+        e = tlb.get(vpn)
+        if e is None or not e & 1:
+            return None
+        off = (e >> 1) * page_size + word_off
+        old = self.load64(off)
+        self.store64(off, new)
+        return e >> 1, old
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.r, name)
 

@@ -194,32 +194,34 @@ class Collapse:
         the PTL and the lock order is folio_lock -> PTL — is_refcount_suitable(), and
         folio_isolate_lru() taking a reference.  On failure everything is released.  The
         per-folio checks are batched with numpy (plain loads, as the kernel's are); every
-        change to a shared count is atomic."""
+        change to a shared count is atomic.  (Counts and tests over the arrays are
+        np.count_nonzero(): a C loop, where .any()/.sum() go through numpy's Python wrappers.)"""
         m, cpu = self.m, self.cpu
+        nnz = np.count_nonzero
         max_none = cpu.config.max_ptes_none >> (HPAGE_PMD_ORDER - self.order)
         none = self.holes(ptes)  # a zero-page PTE counts as none: no folio behind it
-        if int(none.sum()) > max_none:
+        if nnz(none) > max_none:
             return "SCAN_EXCEED_NONE_PTE"
         present = ptes[~none]
-        if ((present & _PRESENT) == 0).any():
+        if nnz((present & _PRESENT) == 0):
             return "SCAN_PTE_NON_PRESENT"
-        if not ((present & _WRITE) != 0).any():
+        if not nnz(present & _WRITE):
             return "SCAN_PAGE_RO"  # no writable PTE (also: nothing but holes and zero pages)
         heads_all = m.f["head"][present >> 12]
-        if (heads_all < 0).any():
+        if nnz(heads_all < 0):
             return "SCAN_PAGE_NULL"
         heads = list(dict.fromkeys(heads_all.tolist()))
-        fl = m.folio_locks
-        for head in heads:
-            if not fl.folio_trylock(cpu, head):
-                self.release_isolated()
-                return "SCAN_PAGE_LOCK"
-            self.heads.append(head)
-        h = np.asarray(heads)
-        if check_refs and (m.f["refcount"][h] != m.f["mapcount"][h]).any():
+        # folio_trylock() of each in turn, in one call, up to the first that is locked already
+        taken = m.folio_locks.folio_trylock_many(cpu, heads)
+        self.heads.extend(heads[:taken])
+        if taken < len(heads):
+            self.release_isolated()
+            return "SCAN_PAGE_LOCK"
+        h = heads_all if len(heads) == len(heads_all) else np.asarray(heads)  # no large folio: as they are
+        if check_refs and nnz(m.f["refcount"][h] != m.f["mapcount"][h]):
             self.release_isolated()
             return "SCAN_PAGE_COUNT"
-        if ((m.f["flags"][h] & PG_LRU) == 0).any():
+        if nnz((m.f["flags"][h] & PG_LRU) == 0):
             self.release_isolated()
             return "SCAN_DEL_PAGE_LRU"
         # folio_isolate_lru(): the flags of a folio we hold locked change only under its lock
@@ -234,7 +236,7 @@ class Collapse:
             return False
         m = self.m
         h = np.asarray(self.heads)
-        return bool((m.f["refcount"][h] != m.f["mapcount"][h] + 1).any())
+        return bool(np.count_nonzero(m.f["refcount"][h] != m.f["mapcount"][h] + 1))
 
     def release_isolated(self) -> None:
         """release_pte_folios(): putback on the LRU, unlock, drop the isolation reference."""
@@ -290,15 +292,14 @@ class Collapse:
         self.mapped = n
         return n
 
-    def remove_rmaps(self, ptes: np.ndarray) -> list[tuple[int, int]]:
+    def remove_rmaps(self, ptes: np.ndarray) -> None:
         """folio_remove_rmap_ptes() for every old PTE, batched per folio: mapcount and the
         mappings' references drop by the number of PTEs; the isolation reference keeps each
-        folio alive (zero-page PTEs map no folio).  Returns (head, nr) pairs."""
+        folio alive (zero-page PTEs map no folio)."""
         m = self.m
         present = ptes[~self.holes(ptes)]
         heads, counts = self.folios_of(present >> 12)
         m.folio_counts_add(heads, -counts, ("mapcount", "refcount"))
-        return list(zip(heads.tolist(), counts.tolist()))
 
     def folios_of(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The folios (heads) behind the pages of a PTE snapshot and how many pages each.  The
@@ -307,7 +308,15 @@ class Collapse:
         changed the PTEs without the PTL leaves behind: recorded as ``free_mapped``, and the
         run ends there instead of in the model's own arithmetic on a freed frame."""
         m, cpu = self.m, self.cpu
-        heads, counts = np.unique(m.f["head"][pfns], return_counts=True)
+        of = m.f["head"][pfns]
+        if len(of) <= 64:  # np.unique()'s result, without its fixed cost (a few µs) on a small range
+            n: dict[int, int] = {}
+            for head in of.tolist():
+                n[head] = n.get(head, 0) + 1
+            keys = sorted(n)
+            heads, counts = np.array(keys, dtype=of.dtype), np.array([n[k] for k in keys], dtype=np.int64)
+        else:
+            heads, counts = np.unique(of, return_counts=True)
         if len(heads) and heads[0] < 0:
             pfn = int(pfns[m.f["head"][pfns] < 0][0])
             cpu.violation("free_mapped", page=pfn, detail=f"CPU {cpu.id}'s collapse found frame {pfn} of its PTE snapshot free: its folio was freed while mapped")
@@ -327,12 +336,9 @@ class Collapse:
 
     def release_old(self) -> None:
         """After the new folio is in: unlock every old folio (waking migration waiters) and drop
-        the isolation reference, which frees it."""
-        m, cpu = self.m, self.cpu
-        for head in self.heads:
-            m.folio_clear_flag_locked(head, PG_ISOLATED)
-            m.folio_locks.folio_unlock(cpu, head)
-            m.folio_put(cpu, head)
+        the isolation reference, which frees it (Machine.release_locked_folios: the frees as one
+        batch on the process backend, as free_unref_folios() does)."""
+        self.m.release_locked_folios(self.cpu, self.heads, PG_ISOLATED)
         self.heads.clear()
 
     def drop_old_mappings(self, ptes: np.ndarray) -> None:

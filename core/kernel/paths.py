@@ -31,7 +31,6 @@ from ptlab.core.machine.layout import (
     POISON_FREE,
     VM_INUSE,
     VM_WRITE,
-    VMA_FLAGS,
     is_migration_entry,
     pmd_mk_table,
     pmd_trans_huge,
@@ -147,18 +146,24 @@ def access_store(cpu: CpuContext, oracle: Oracle, vpn: int) -> bool:
     is new — never the value this CPU stored before the zap (zap_not_zeroed)."""
     m = cpu.m
     epoch = m.epoch(vpn)
-    pfn = translate(cpu, vpn, True)
-    if pfn < 0:
-        return False
-    if cpu.on_step is not None:
-        cpu.on_step(f"store page {vpn} (pfn {pfn})")
-    off = pfn * m.page_size + cpu.id * 8
-    v = m.frames.load64(off)
+    new = vpn << VPN_SHIFT | ((oracle.seq + 1) & 0xFFFFFFFF)
+    # the common case, a TLB hit, in one call: the lookup and the load and store through it
+    # (not in broadcast mode, which marks the access in flight, nor when the steps are traced)
+    hit = None if cpu.broadcast or cpu.on_step is not None else m.frames.tlb_xchg64(cpu.tlb, vpn, m.page_size, cpu.id * 8, new)
+    if hit is not None:
+        pfn, v = hit
+    else:
+        pfn = translate(cpu, vpn, True)
+        if pfn < 0:
+            return False
+        if cpu.on_step is not None:
+            cpu.on_step(f"store page {vpn} (pfn {pfn})")
+        off = pfn * m.page_size + cpu.id * 8
+        v = m.frames.load64(off)
+        m.frames.store64(off, new)
+        if cpu.broadcast:
+            cpu.access_end()
     oracle.seq += 1
-    new = vpn << VPN_SHIFT | (oracle.seq & 0xFFFFFFFF)
-    m.frames.store64(off, new)
-    if cpu.broadcast:
-        cpu.access_end()
     after = m.epoch(vpn)
     prev = oracle.mine.get(vpn)
     expect = prev[0] if prev else 0
@@ -241,7 +246,7 @@ def handle_mm_fault(cpu: CpuContext, vpn: int, write: bool) -> str:
             result = "segv" if vma < 0 else __handle_mm_fault(cpu, vma, vpn, write)
         finally:
             mmap_lock.up_read(cpu)
-    cpu.op_end(begin, "fault", result, vpn, vma=vma, during=during)
+    cpu.op_end(begin, "fault", result, vpn, vma, 0, during)  # (vma, order, during)
     return result
 
 
@@ -250,7 +255,7 @@ def __handle_mm_fault(cpu: CpuContext, vma: int, vpn: int, write: bool) -> str:
     A write to a VMA without VM_WRITE is refused first, as access_error() does in the arch
     fault handler (SIGSEGV)."""
     m = cpu.m
-    if write and not m.ctl.load64(m.L.vma(vma) + VMA_FLAGS) & VM_WRITE:
+    if write and not m.vma_flags(vma) & VM_WRITE:
         return "segv"
     i, idx = vpn >> 9, vpn & 511
     pmd = m.pmdp_get(i)
@@ -567,10 +572,30 @@ def zap_huge_pmd(cpu: CpuContext, i: int) -> int:
 def zap_range(cpu: CpuContext, start: int, nr: int, lock_mm: bool = True) -> int:
     """madvise(MADV_DONTNEED) -> zap_page_range_single() -> zap_pte_range(): clear the PTEs
     under the PTL, flush the TLB, then drop the rmap and the references (tlb_finish_mmu).
-    Returns the number of pages freed from the mapping."""
+    Returns the number of pages freed from the mapping.
+
+    Locking as do_madvise() takes it in mm/madvise.c (the host's 6.18): madvise_lock() takes
+    nothing up front, since get_lock_mode() is MADVISE_VMA_READ_LOCK for MADV_DONTNEED;
+    madvise_walk_vmas() -> try_vma_read_lock() read-locks the VMA of ``start`` with
+    lock_vma_under_rcu() and keeps only that lock when is_vma_lock_sufficient() (the range ends
+    inside that VMA); when the VMA cannot be read-locked — no per-VMA locks, or it is
+    write-locked by a pmd-clear collapse or a munmap()/mprotect() of it — it falls back to
+    mmap_read_lock() (MADVISE_MMAP_READ_LOCK) and madvise_do_behavior() walks the VMAs under it.
+    So a zap no longer waits for mmap() of other VMAs, nor behind a writer queued on mmap_lock.
+    ``lock_mm=False``: the caller holds mmap_lock for write (munmap()'s unmap_region(),
+    mmap(MAP_FIXED))."""
     m = cpu.m
-    if lock_mm:
-        m.mmap_lock.down_read(cpu)  # madvise(MADV_DONTNEED) holds mmap_lock for read
+    vma = -1
+    mmap_locked = False
+    if lock_mm and "mutant-zap-no-mmap-lock" not in cpu.bugs:
+        # try_vma_read_lock(): excludes vma_start_write() of this VMA (pmd-clear, munmap/mprotect of it)
+        vma = lock_vma_under_rcu(cpu, start)
+        if vma >= 0 and start + nr > m.vma_range(vma)[1]:  # is_vma_lock_sufficient(): one VMA only
+            m.vma_locks[vma].vma_end_read(cpu)
+            vma = -1
+        if vma < 0:
+            m.mmap_lock.down_read(cpu)  # the fallback: excludes every mmap_lock writer (mmap()/munmap(), pmd-clear)
+            mmap_locked = True
     zapped = 0
     try:
         i = start >> 9
@@ -615,8 +640,10 @@ def zap_range(cpu: CpuContext, start: int, nr: int, lock_mm: bool = True) -> int
             m.folio_put(cpu, head)
         zapped = len(puts)
     finally:
-        if lock_mm:
+        if mmap_locked:
             m.mmap_lock.up_read(cpu)
+        elif vma >= 0:
+            m.vma_locks[vma].vma_end_read(cpu)  # vma_end_read() in madvise_walk_vmas()
     return zapped
 
 

@@ -17,6 +17,9 @@
  *   copy_pages, fetch_add32_each, get_and_clear64   a batch of page copies/clears, of atomic
  *                           adds, of exchanges with 0 (the same
  *                           operations in the same order as the per-page calls they batch)
+ *   tlb_xchg64              a store through a CPU's TLB entry: the lookup, a load64, a store64
+ *
+ * Buddy and the lock base types below run a whole allocator or lock operation in one call.
  *
  * A bad offset (negative, past the end) raises IndexError and a misaligned one ValueError: a
  * simulated kernel bug must show up as an oracle report, never as a segfault of the host.
@@ -432,8 +435,12 @@ static PyObject *R_fill64(RegionObject *self, PyObject *const *args, Py_ssize_t 
     int64_t *p = range_at(self, off, n * 8, 8);
     if (!p)
         return NULL;
-    for (int64_t i = 0; i < n; i++)
-        p[i] = pat;
+    unsigned char c = (unsigned char)pat;
+    if (pat == (int64_t)(0x0101010101010101ULL * c)) /* 0, the free poison: one byte repeated */
+        memset(p, c, n * 8);
+    else
+        for (int64_t i = 0; i < n; i++)
+            p[i] = pat;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     Py_RETURN_NONE;
 }
@@ -453,6 +460,10 @@ static PyObject *R_find_not64(RegionObject *self, PyObject *const *args, Py_ssiz
     if (!p)
         return NULL;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    /* every word equals the pattern iff the first does and each equals the next: one memcmp()
+     * of the range with itself shifted by a word; the scan below finds the word that differs */
+    if (n == 0 || (p[0] == pat && memcmp(p, p + 1, (n - 1) * 8) == 0))
+        return PyLong_FromLong(-1);
     for (int64_t i = 0; i < n; i++)
         if (p[i] != pat)
             return PyLong_FromLongLong(i);
@@ -585,6 +596,37 @@ static PyObject *R_get_and_clear64(RegionObject *self, PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+/* tlb_xchg64(tlb, vpn, page_size, word_off, new) -> (pfn, old) or None: the MMU's store through a
+ * TLB hit.  tlb is a CPU's TLB (a dict vpn -> pfn << 1 | writable); on a hit on a writable entry,
+ * the word at pfn * page_size + word_off is loaded (acquire) and then stored (release), as a
+ * load64 and a store64 would; on a miss or a read-only entry nothing is touched and the caller
+ * walks the page table (the scheduled backend's SchedRegion runs it as that load64 and store64). */
+static PyObject *R_tlb_xchg64(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(5, "tlb_xchg64");
+    if (!PyDict_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "tlb_xchg64: the TLB must be a dict");
+        return NULL;
+    }
+    PyObject *e = PyDict_GetItemWithError(args[0], args[1]);
+    if (!e) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int64_t ev, ps, woff, nv;
+    if (get_i64(e, &ev) || get_i64(args[2], &ps) || get_i64(args[3], &woff) || get_i64(args[4], &nv))
+        return NULL;
+    if (!(ev & 1))
+        Py_RETURN_NONE;
+    int64_t *p = range_at(self, (ev >> 1) * ps + woff, 8, 8);
+    if (!p)
+        return NULL;
+    int64_t old = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    __atomic_store_n(p, nv, __ATOMIC_RELEASE);
+    return Py_BuildValue("(LL)", (long long)(ev >> 1), (long long)old);
+}
+
 /* put_row(row, v0, ..., vk): store k+1 int64 values at row * (k+1) * 8 (an event-buffer row).
  * Plain stores: event buffers are private to their process. */
 static PyObject *R_put_row(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -647,6 +689,8 @@ static PyMethodDef Region_methods[] = {
     {"get_and_clear64", (PyCFunction)(void (*)(void))R_get_and_clear64, METH_FASTCALL,
      "get_and_clear64(off, out): out[j] = xchg64(off + 8j, 0), in order"},
     {"put_row", (PyCFunction)(void (*)(void))R_put_row, METH_FASTCALL, "put_row(row, v0, ..., vk): store an event row"},
+    {"tlb_xchg64", (PyCFunction)(void (*)(void))R_tlb_xchg64, METH_FASTCALL,
+     "tlb_xchg64(tlb, vpn, page_size, word_off, new) -> (pfn, old) on a writable TLB hit, else None"},
     {"close", (PyCFunction)Region_close, METH_NOARGS, "release the buffer"},
     {NULL, NULL, 0, NULL},
 };
@@ -732,7 +776,7 @@ static PyTypeObject CpuBaseType = {
 static PyObject *s_lock_py, *s_unlock_py, *s_trylock_py, *s_slow, *s_down_read_py, *s_up_read_py,
     *s_down_write_py, *s_up_write_py, *s_down_read_trylock_py, *s_down_write_trylock_py, *s_wait,
     *s_wake_sleepers, *s_folio_trylock_py, *s_folio_lock_py, *s_folio_unlock_py, *s_folio_lock_slow,
-    *s_wake_waiters, *s_empty;
+    *s_wake_waiters, *s_empty, *s_folio_trylock_many_py, *s_folio_unlock_many_py;
 static PyObject *small_zero;
 
 /* The fast path applies: a live real Region and a CpuBase CPU.  Returns the region's memory. */
@@ -1212,7 +1256,65 @@ static PyObject *FolioLocks_folio_unlock(FolioLocksObject *self, PyObject *const
     Py_RETURN_NONE;
 }
 
+/* folio_trylock_many(cpu, pfns) -> k: folio_trylock() of each pfn in turn (a sequence of ints),
+ * stopping at the first that is locked already: pfns[:k] are now ours.  Other regions: the
+ * subclass's _py_folio_trylock_many (the same trylocks, one by one). */
+static PyObject *FolioLocks_folio_trylock_many(FolioLocksObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(2, "folio_trylock_many");
+    if (!fast_base(self->r, args[0]))
+        return PyObject_VectorcallMethod(s_folio_trylock_many_py, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3,
+                                         NULL);
+    PyObject *seq = PySequence_Fast(args[1], "pfns must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), k;
+    for (k = 0; k < n; k++) {
+        Py_ssize_t pfn = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, k));
+        if (pfn == -1 && PyErr_Occurred())
+            goto fail;
+        int ok = folio_trylock_fast(self, (CpuBaseObject *)args[0], pfn);
+        if (ok < 0)
+            goto fail;
+        if (!ok)
+            break;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(k);
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* folio_unlock_many(cpu, pfns): folio_unlock() of each pfn in turn, waking each one's waiters
+ * (through _wake_waiters, as folio_unlock does) before the next is unlocked. */
+static PyObject *FolioLocks_folio_unlock_many(FolioLocksObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(2, "folio_unlock_many");
+    if (!fast_base(self->r, args[0]))
+        return PyObject_VectorcallMethod(s_folio_unlock_many_py, (PyObject *[]){(PyObject *)self, args[0], args[1]}, 3,
+                                         NULL);
+    PyObject *seq = PySequence_Fast(args[1], "pfns must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *res = FolioLocks_folio_unlock(self, (PyObject *[]){args[0], PySequence_Fast_GET_ITEM(seq, k)}, 2);
+        if (!res) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef FolioLocks_methods[] = {
+    {"folio_trylock_many", (PyCFunction)(void (*)(void))FolioLocks_folio_trylock_many, METH_FASTCALL,
+     "folio_trylock_many(cpu, pfns) -> how many were locked, in order, before one was not"},
+    {"folio_unlock_many", (PyCFunction)(void (*)(void))FolioLocks_folio_unlock_many, METH_FASTCALL,
+     "folio_unlock_many(cpu, pfns): folio_unlock of each in turn"},
     {"folio_trylock", (PyCFunction)(void (*)(void))FolioLocks_folio_trylock, METH_FASTCALL,
      "folio_trylock(cpu, pfn) -> bool"},
     {"folio_lock", (PyCFunction)(void (*)(void))FolioLocks_folio_lock, METH_FASTCALL,
@@ -1349,6 +1451,8 @@ static PyTypeObject VmaLockType = {
     .tp_members = VmaLock_members,
 };
 
+static PyTypeObject BuddyType; /* below: the allocator's list work */
+
 static int init_lock_types(PyObject *m)
 {
 #define INTERN(var, s)                                     \
@@ -1371,6 +1475,8 @@ static int init_lock_types(PyObject *m)
     INTERN(s_folio_unlock_py, "_py_folio_unlock");
     INTERN(s_folio_lock_slow, "_folio_lock_slow");
     INTERN(s_wake_waiters, "_wake_waiters");
+    INTERN(s_folio_trylock_many_py, "_py_folio_trylock_many");
+    INTERN(s_folio_unlock_many_py, "_py_folio_unlock_many");
     INTERN(s_empty, "");
     INTERN(s_vma_start_read_py, "_py_vma_start_read");
     INTERN(s_vma_end_read_py, "_py_vma_end_read");
@@ -1378,9 +1484,9 @@ static int init_lock_types(PyObject *m)
 #undef INTERN
     if (!(small_zero = PyLong_FromLong(0)))
         return -1;
-    PyTypeObject *types[] = {&CpuBaseType, &SpinLockType, &RwSemType, &FolioLocksType, &VmaLockType};
-    const char *names[] = {"CpuBase", "SpinLockBase", "RwSemBase", "FolioLocksBase", "VmaLockBase"};
-    for (int i = 0; i < 5; i++) {
+    PyTypeObject *types[] = {&CpuBaseType, &SpinLockType, &RwSemType, &FolioLocksType, &VmaLockType, &BuddyType};
+    const char *names[] = {"CpuBase", "SpinLockBase", "RwSemBase", "FolioLocksBase", "VmaLockBase", "Buddy"};
+    for (int i = 0; i < 6; i++) {
         if (PyType_Ready(types[i]) < 0)
             return -1;
         Py_INCREF(types[i]);
@@ -1391,6 +1497,458 @@ static int init_lock_types(PyObject *m)
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Buddy: the page allocator's free lists in one call per operation (core/machine/mm.py)       */
+/*
+ * Machine's allocator (alloc_folio, free_folio, folios_put) keeps the buddy free lists in plain
+ * words of the folio segment (order, flags, next_free, prev_free, refcount) and the list heads and
+ * the free count in ctl.  On the process backend, where all three segments are real Regions,
+ * Machine hands the list work to a Buddy: the very steps of its Python methods (_buddy_add,
+ * _buddy_del, the merge loop of free_folio, the split loop of alloc_folio, the checks of
+ * free_folio and __folio_alloc's preparation), word for word and in the same order, with the
+ * same acquire loads and release stores, in C.  Locking stays the caller's: zone->lock is taken
+ * in Python around every list operation (mutant-alloc-no-zone-lock still skips it).  Anything
+ * unusual -- a free list that fails __list_del_entry_valid(), a folio freed twice, locked or
+ * mapped, a refcount underflow -- is handed back to the Python path, which records it.  On any
+ * other region (the scheduled backend's) Machine runs its Python methods: the schedule space is
+ * unchanged (tests/test_fastpaths.py holds the two to the same words).
+ */
+
+enum { BF_HEAD, BF_ORDER, BF_FLAGS, BF_NEXT, BF_PREV, BF_REF, BF_MAP, BF_PIN, BF_OWNER, BF_NFIELDS };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctl, *folio, *frames;
+    Py_ssize_t f[BF_NFIELDS];
+    Py_ssize_t free_heads, nr_free;
+    int64_t nr_frames, page_size;
+    int max_order;
+    int32_t pg_buddy, pg_locked, new_flags;
+    int64_t poison;
+    char *poison_page; /* one page of the poison pattern: memcmp() checks a page against it */
+} BuddyObject;
+
+static int Buddy_init(BuddyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ctl", "folio", "frames", "fields", "free_heads", "nr_free", "nr_frames", "max_order",
+                             "page_size", "pg_buddy", "pg_locked", "new_flags", "poison", NULL};
+    PyObject *ctl, *folio, *frames, *fields;
+    long long nr_frames, page_size, poison;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OnnLiLiiiL", kwlist, &RegionType, &ctl, &RegionType, &folio,
+                                     &RegionType, &frames, &fields, &self->free_heads, &self->nr_free, &nr_frames,
+                                     &self->max_order, &page_size, &self->pg_buddy, &self->pg_locked, &self->new_flags,
+                                     &poison))
+        return -1;
+    PyObject *seq = PySequence_Fast(fields, "fields must be a sequence of offsets");
+    if (!seq)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != BF_NFIELDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "fields: %d offsets (head, order, flags, next_free, prev_free, refcount, "
+                                       "mapcount, pincount, lock_owner)", BF_NFIELDS);
+        return -1;
+    }
+    for (int i = 0; i < BF_NFIELDS; i++) {
+        self->f[i] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
+        if (self->f[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    self->nr_frames = nr_frames;
+    self->page_size = page_size;
+    self->poison = poison;
+    RegionObject *rc = (RegionObject *)ctl, *rf = (RegionObject *)folio, *rp = (RegionObject *)frames;
+    int bad = nr_frames <= 0 || page_size <= 0 || page_size % 8 || self->max_order < 0 || self->max_order > 30 ||
+              !rc->base || !rf->base || !rp->base || self->free_heads < 0 || self->free_heads % 4 ||
+              self->free_heads + 4 * (self->max_order + 1) > rc->size || self->nr_free < 0 || self->nr_free % 4 ||
+              self->nr_free + 4 > rc->size || nr_frames * page_size > rp->size;
+    for (int i = 0; i < BF_NFIELDS && !bad; i++)
+        bad = self->f[i] < 0 || self->f[i] % 4 || self->f[i] + 4 * nr_frames > rf->size;
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "Buddy: a field, a list head or the frames lie outside their regions");
+        return -1;
+    }
+    char *pp = PyMem_Malloc(page_size);
+    if (!pp) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int64_t i = 0; i < page_size / 8; i++)
+        memcpy(pp + 8 * i, &self->poison, 8);
+    PyMem_Free(self->poison_page);
+    self->poison_page = pp;
+    Py_INCREF(ctl);
+    Py_XSETREF(self->ctl, ctl);
+    Py_INCREF(folio);
+    Py_XSETREF(self->folio, folio);
+    Py_INCREF(frames);
+    Py_XSETREF(self->frames, frames);
+    return 0;
+}
+
+static void Buddy_dealloc(BuddyObject *self)
+{
+    PyMem_Free(self->poison_page);
+    self->poison_page = NULL;
+    Py_CLEAR(self->ctl);
+    Py_CLEAR(self->folio);
+    Py_CLEAR(self->frames);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The regions may have been closed since: every call checks them first. */
+static inline int buddy_live(BuddyObject *b)
+{
+    if (!((RegionObject *)b->ctl)->base || !((RegionObject *)b->folio)->base || !((RegionObject *)b->frames)->base) {
+        PyErr_SetString(PyExc_ValueError, "region is closed");
+        return 0;
+    }
+    return 1;
+}
+
+static inline int32_t *bf(BuddyObject *b, int field, int64_t pfn)
+{
+    return (int32_t *)(((RegionObject *)b->folio)->base + b->f[field] + pfn * 4);
+}
+
+static inline int32_t *bhead(BuddyObject *b, int order)
+{
+    return (int32_t *)(((RegionObject *)b->ctl)->base + b->free_heads + 4 * order);
+}
+
+#define LD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+static inline int pfn_ok(BuddyObject *b, int64_t pfn)
+{
+    if (pfn < 0 || pfn >= b->nr_frames) {
+        PyErr_Format(PyExc_IndexError, "pfn %lld outside the %lld frames", (long long)pfn, (long long)b->nr_frames);
+        return 0;
+    }
+    return 1;
+}
+
+/* Poison nf pages from p on (free_pages_prepare()'s page poisoning): a memset when the pattern
+ * is one byte repeated (POISON_FREE is 0x6b...), else word by word. */
+static void buddy_poison(BuddyObject *b, int64_t *p, int64_t nf)
+{
+    unsigned char c = (unsigned char)b->poison;
+    if (b->poison == (int64_t)(0x0101010101010101ULL * c))
+        memset(p, c, nf * b->page_size);
+    else
+        for (int64_t w = 0, nw = nf * (b->page_size / 8); w < nw; w++)
+            p[w] = b->poison;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+/* The first word of nf pages from p on that does not hold the poison, or -1: a memcmp() of each
+ * page with a poisoned one, then the word within the page that differs. */
+static int64_t buddy_find_unpoisoned(BuddyObject *b, const int64_t *p, int64_t nf)
+{
+    int64_t wpp = b->page_size / 8;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    for (int64_t j = 0; j < nf; j++) {
+        const int64_t *q = p + j * wpp;
+        if (memcmp(q, b->poison_page, b->page_size) == 0)
+            continue;
+        for (int64_t i = 0; i < wpp; i++)
+            if (q[i] != b->poison)
+                return j * wpp + i;
+    }
+    return -1;
+}
+
+/* Machine._buddy_add */
+static int buddy_add(BuddyObject *b, int64_t pfn, int order)
+{
+    if (!pfn_ok(b, pfn))
+        return -1;
+    ST(bf(b, BF_ORDER, pfn), order);
+    ST(bf(b, BF_FLAGS, pfn), b->pg_buddy);
+    ST(bf(b, BF_REF, pfn), 0);
+    int32_t first = LD(bhead(b, order));
+    ST(bf(b, BF_NEXT, pfn), first);
+    ST(bf(b, BF_PREV, pfn), -1);
+    if (first >= 0) {
+        if (!pfn_ok(b, first))
+            return -1;
+        ST(bf(b, BF_PREV, first), (int32_t)pfn);
+    }
+    ST(bhead(b, order), (int32_t)pfn);
+    return 0;
+}
+
+/* Machine._buddy_del */
+static int buddy_del(BuddyObject *b, int64_t pfn, int order)
+{
+    int32_t nxt = LD(bf(b, BF_NEXT, pfn)), prv = LD(bf(b, BF_PREV, pfn));
+    if (prv >= 0) {
+        if (!pfn_ok(b, prv))
+            return -1;
+        ST(bf(b, BF_NEXT, prv), nxt);
+    } else {
+        ST(bhead(b, order), nxt);
+    }
+    if (nxt >= 0) {
+        if (!pfn_ok(b, nxt))
+            return -1;
+        ST(bf(b, BF_PREV, nxt), prv);
+    }
+    ST(bf(b, BF_NEXT, pfn), -1);
+    ST(bf(b, BF_PREV, pfn), -1);
+    ST(bf(b, BF_FLAGS, pfn), 0);
+    return 0;
+}
+
+/* free_folio()'s part under zone->lock (__free_one_page): merge with free buddies, add the block,
+ * count the frames free.  Returns the frames freed, -1 on error. */
+static int64_t buddy_free_one(BuddyObject *b, int64_t head)
+{
+    if (!pfn_ok(b, head))
+        return -1;
+    int order = LD(bf(b, BF_ORDER, head));
+    if (order < 0 || order > b->max_order) {
+        PyErr_Format(PyExc_ValueError, "folio %lld has order %d", (long long)head, order);
+        return -1;
+    }
+    int64_t pfn = head;
+    int o = order;
+    while (o < b->max_order) {
+        int64_t buddy = pfn ^ ((int64_t)1 << o);
+        if (buddy + ((int64_t)1 << o) > b->nr_frames)
+            break;
+        if (!(LD(bf(b, BF_FLAGS, buddy)) & b->pg_buddy && LD(bf(b, BF_ORDER, buddy)) == o))
+            break;
+        if (buddy_del(b, buddy, o) < 0)
+            return -1;
+        pfn = pfn < buddy ? pfn : buddy;
+        o++;
+    }
+    if (buddy_add(b, pfn, o) < 0)
+        return -1;
+    int64_t n = (int64_t)1 << order;
+    __atomic_fetch_add((int32_t *)(((RegionObject *)b->ctl)->base + b->nr_free), (int32_t)n, __ATOMIC_ACQ_REL);
+    return n;
+}
+
+/* alloc(order) -> the head pfn taken off the free lists (split down to order, the upper halves
+ * given back), -1 when no block is large enough, -2 when the block at the head of its list fails
+ * __list_del_entry_valid() (nothing changed: the caller's Python path records it).  The caller
+ * holds zone->lock. */
+static PyObject *Buddy_alloc(BuddyObject *b, PyObject *arg)
+{
+    long order = PyLong_AsLong(arg);
+    if (order == -1 && PyErr_Occurred())
+        return NULL;
+    if (order < 0 || order > b->max_order)
+        return PyErr_Format(PyExc_ValueError, "order %ld out of range", order);
+    if (!buddy_live(b))
+        return NULL;
+    int o = (int)order;
+    while (o <= b->max_order && LD(bhead(b, o)) < 0)
+        o++;
+    if (o > b->max_order)
+        return PyLong_FromLong(-1);
+    int64_t pfn = LD(bhead(b, o));
+    /* Machine._list_del_entry_valid */
+    int ok = pfn >= 0 && pfn < b->nr_frames && LD(bf(b, BF_FLAGS, pfn)) & b->pg_buddy && LD(bf(b, BF_ORDER, pfn)) == o;
+    if (ok) {
+        int32_t prv = LD(bf(b, BF_PREV, pfn));
+        if (prv >= 0 && prv >= b->nr_frames)
+            ok = 0;
+        else
+            ok = (prv < 0 ? LD(bhead(b, o)) : LD(bf(b, BF_NEXT, prv))) == pfn;
+    }
+    if (!ok)
+        return PyLong_FromLong(-2);
+    if (buddy_del(b, pfn, o) < 0)
+        return NULL;
+    while (o > order) {
+        o--;
+        if (buddy_add(b, pfn + ((int64_t)1 << o), o) < 0)
+            return NULL;
+    }
+    __atomic_fetch_add((int32_t *)(((RegionObject *)b->ctl)->base + b->nr_free), -(int32_t)(1 << order),
+                       __ATOMIC_ACQ_REL);
+    return PyLong_FromLongLong(pfn);
+}
+
+/* prep_new(pfn, order, zero) -> index of the first word of the new folio's frames that lost its
+ * free poison, or -1: alloc_folio()'s steps after the lists (head of every frame, order, counts,
+ * flags, refcount 1; the poison check; the clearing when zero). */
+static PyObject *Buddy_prep_new(BuddyObject *b, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_NARGS(3, "prep_new");
+    int64_t pfn, order;
+    if (get_i64(args[0], &pfn) || get_i64(args[1], &order))
+        return NULL;
+    int zero = PyObject_IsTrue(args[2]);
+    if (zero < 0 || !buddy_live(b))
+        return NULL;
+    if (order < 0 || order > b->max_order || !pfn_ok(b, pfn) || pfn + ((int64_t)1 << order) > b->nr_frames)
+        return PyErr_Format(PyExc_ValueError, "folio %lld of order %lld outside the frames", (long long)pfn,
+                            (long long)order);
+    int64_t n = (int64_t)1 << order;
+    for (int64_t j = 0; j < n; j++)
+        ST(bf(b, BF_HEAD, pfn + j), (int32_t)pfn);
+    ST(bf(b, BF_ORDER, pfn), (int32_t)order);
+    ST(bf(b, BF_MAP, pfn), 0);
+    ST(bf(b, BF_PIN, pfn), 0);
+    ST(bf(b, BF_OWNER, pfn), 0);
+    ST(bf(b, BF_FLAGS, pfn), b->new_flags);
+    ST(bf(b, BF_REF, pfn), 1);
+    int64_t *p = (int64_t *)(((RegionObject *)b->frames)->base + pfn * b->page_size);
+    int64_t nw = n * (b->page_size / 8), bad = buddy_find_unpoisoned(b, p, n);
+    if (zero) {
+        memset(p, 0, nw * 8);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    }
+    return PyLong_FromLongLong(bad);
+}
+
+/* A sequence of pfns (a list, or any sequence of ints) as a C array; PyMem_Free it. */
+static int64_t *pfn_list(PyObject *o, Py_ssize_t *n)
+{
+    PyObject *seq = PySequence_Fast(o, "expected a sequence of pfns");
+    if (!seq)
+        return NULL;
+    *n = PySequence_Fast_GET_SIZE(seq);
+    int64_t *out = PyMem_Malloc((*n ? *n : 1) * sizeof(int64_t));
+    if (!out) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            PyMem_Free(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        out[i] = v;
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+/* put(heads) -> (freeable, underflows): folio_put() of each folio in turn (an atomic decrement of
+ * its refcount); the heads whose count reached 0, and (head, count) for each that went below. */
+static PyObject *Buddy_put(BuddyObject *b, PyObject *arg)
+{
+    Py_ssize_t n;
+    if (!buddy_live(b))
+        return NULL;
+    int64_t *h = pfn_list(arg, &n);
+    if (!h)
+        return NULL;
+    PyObject *zero = PyList_New(0), *under = PyList_New(0), *res = NULL;
+    if (!zero || !under)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!pfn_ok(b, h[i]))
+            goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t left = __atomic_fetch_add(bf(b, BF_REF, h[i]), -1, __ATOMIC_ACQ_REL) - 1;
+        PyObject *item = left == 0 ? PyLong_FromLongLong(h[i]) : left < 0 ? Py_BuildValue("(Li)", (long long)h[i], left) : NULL;
+        if (left > 0)
+            continue;
+        if (!item || PyList_Append(left == 0 ? zero : under, item) < 0) {
+            Py_XDECREF(item);
+            goto out;
+        }
+        Py_DECREF(item);
+    }
+    res = PyTuple_Pack(2, zero, under);
+out:
+    Py_XDECREF(zero);
+    Py_XDECREF(under);
+    PyMem_Free(h);
+    return res;
+}
+
+/* free_prepare(heads) -> k: free_folio()'s steps before zone->lock (free_pages_prepare()) for
+ * heads[0], heads[1], ... : poison every frame, mark it no folio's (head -1) -- stopping at the
+ * first folio that is free already, locked or still mapped (k is its index; len(heads) when none
+ * is): the caller frees that one through the Python path, which records it. */
+static PyObject *Buddy_free_prepare(BuddyObject *b, PyObject *arg)
+{
+    Py_ssize_t n, i;
+    if (!buddy_live(b))
+        return NULL;
+    int64_t *h = pfn_list(arg, &n);
+    if (!h)
+        return NULL;
+    char *frames = ((RegionObject *)b->frames)->base;
+    for (i = 0; i < n; i++) {
+        int64_t head = h[i];
+        if (!pfn_ok(b, head)) {
+            PyMem_Free(h);
+            return NULL;
+        }
+        int order = LD(bf(b, BF_ORDER, head));
+        int32_t flags = LD(bf(b, BF_FLAGS, head));
+        if (flags & (b->pg_buddy | b->pg_locked) || LD(bf(b, BF_MAP, head)) != 0 || order < 0 ||
+            order > b->max_order || head + ((int64_t)1 << order) > b->nr_frames)
+            break;
+        int64_t nf = (int64_t)1 << order;
+        buddy_poison(b, (int64_t *)(frames + head * b->page_size), nf);
+        for (int64_t j = 0; j < nf; j++)
+            ST(bf(b, BF_HEAD, head + j), -1);
+    }
+    PyMem_Free(h);
+    return PyLong_FromSsize_t(i);
+}
+
+/* free(heads) -> frames freed: free_folio()'s part under zone->lock for each prepared folio in
+ * turn (free_pcppages_bulk(): one zone->lock hold for the batch).  The caller holds zone->lock. */
+static PyObject *Buddy_free(BuddyObject *b, PyObject *arg)
+{
+    Py_ssize_t n;
+    if (!buddy_live(b))
+        return NULL;
+    int64_t *h = pfn_list(arg, &n);
+    if (!h)
+        return NULL;
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t got = buddy_free_one(b, h[i]);
+        if (got < 0) {
+            PyMem_Free(h);
+            return NULL;
+        }
+        total += got;
+    }
+    PyMem_Free(h);
+    return PyLong_FromLongLong(total);
+}
+
+#undef LD
+#undef ST
+
+static PyMethodDef Buddy_methods[] = {
+    {"alloc", (PyCFunction)Buddy_alloc, METH_O, "alloc(order) -> head pfn, -1 (no block), -2 (list check failed)"},
+    {"prep_new", (PyCFunction)(void (*)(void))Buddy_prep_new, METH_FASTCALL,
+     "prep_new(pfn, order, zero) -> first word that lost its poison, or -1"},
+    {"put", (PyCFunction)Buddy_put, METH_O, "put(heads) -> (heads at refcount 0, [(head, count < 0)])"},
+    {"free_prepare", (PyCFunction)Buddy_free_prepare, METH_O, "free_prepare(heads) -> how many were prepared"},
+    {"free", (PyCFunction)Buddy_free, METH_O, "free(heads) -> frames freed (caller holds zone->lock)"},
+    {NULL},
+};
+
+static PyTypeObject BuddyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptlab.core.machine._prims.Buddy",
+    .tp_basicsize = sizeof(BuddyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Buddy(ctl, folio, frames, fields, ...): the page allocator's list work in one call",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Buddy_init,
+    .tp_dealloc = (destructor)Buddy_dealloc,
+    .tp_methods = Buddy_methods,
+};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Module functions: the clock and the C reference loops for calibrate                       */

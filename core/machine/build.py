@@ -6,7 +6,7 @@ mode (setup.py): each ``X.py`` gets an extension module ``X.cpython-*.so`` besid
 Python's import system prefers to the ``.py``.  There is no second copy of any kernel path: the
 ``.py`` is the source of both.
 
-Two things decide, per module, which of the two is imported (``install()``, called from
+Three things decide, per module, which of the two is imported (``install()``, called from
 ``ptlab.core``'s ``__init__`` before any of them is imported):
 
   - ``PTLAB_PURE=1`` in the environment: every module of the list runs as plain Python (for
@@ -16,7 +16,10 @@ Two things decide, per module, which of the two is imported (``install()``, call
     ``core/_build_hashes.json``; a module whose ``.py`` no longer matches runs as plain Python,
     with one warning line on stderr naming it and the fix (``make install``).  So an edit to
     ``paths.py`` is never shadowed by the extension built from the old text — in the process
-    backend's Ray workers, the in-process stepper and the scheduled backend alike.
+    backend's Ray workers, the in-process stepper and the scheduled backend alike;
+  - the Cython declarations: a module's augmenting ``X.pxd`` is part of its source (its hash),
+    and a module whose .pxd cimports another's extension type or C functions (paths.pxd cimports
+    Machine and CpuContext) runs as Python whenever that other one does (``cimported()``).
 
 Both work by a meta-path finder placed first on ``sys.meta_path`` that answers, for the
 modules to run as Python, with a spec for the ``.py`` (a plain ``SourceFileLoader``); every
@@ -34,6 +37,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,12 +62,18 @@ CANDIDATES: tuple[str, ...] = (
     "kernel/strategies/migration_entry",
 )
 # The ones setup.py compiles: those that paid for themselves (`ptlab bench`, README "Calibration
-# and dilation").  Compiled, the CPU context, the layout, the event recorder and the fault path
-# took a TLB-hit access from 1.04 to 0.90 µs and an anonymous fault (p10) from 10.8 to 9.4 µs
-# (2-core VM, interleaved runs).  Compiling machine/mm made an order-4 collapse 5 % slower
-# (134-140 µs against 129-131 µs) and no fault faster; compiling khugepaged, the strategies,
-# the oracle, roles or walkers changed no measured step (`ptlab explore --bench` runs as many
-# steps/s either way): they stay plain Python, which also keeps the install short.
+# and dilation").  Untyped, Cython's generic code is about as fast as CPython 3.11's
+# specialising interpreter: compiled that way, the CPU context, the layout, the event recorder
+# and the fault path took a TLB-hit access from 1.04 to 0.90 µs, and machine/mm nothing.  What
+# pays is typing, from an augmenting X.pxd beside X.py (declarations only; the .py stays the one
+# source, and PTLAB_PURE ignores the .pxd): mm.pxd and cpu.pxd make Machine and CpuContext
+# extension types whose fields are struct members, paths.pxd types the access and fault paths'
+# CPU, machine, oracle and integers and makes them C calls, layout.pxd the entry helpers.
+# Together: a TLB-hit access 0.95 -> 0.55 µs, an anonymous fault 7.9 -> 4.9 µs (2-core VM,
+# loaded; `ptlab bench`).  Compiling khugepaged, the strategies, the oracle, roles or walkers
+# changed no measured step (`ptlab explore --bench` runs as many steps/s either way): they stay
+# plain Python, which also keeps the install short.  A .pxd edit makes its module's build stale
+# as a .py edit does (source_hash() covers both).
 # machine/locks is left out too: its classes are thin wrappers over one C call each, where
 # CPython 3.11's specialised attribute loads (inline caches on __slots__ members) beat
 # Cython's generic getattr (spin_lock + unlock through SpinLock: 194 ns compiled, 170 ns
@@ -72,6 +82,7 @@ COMPILED: tuple[str, ...] = (
     "machine/cpu",
     "machine/layout",
     "machine/events",
+    "machine/mm",
     "kernel/paths",
 )
 
@@ -86,8 +97,15 @@ def module_name(rel: str) -> str:
 
 
 def source_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of a source file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 (hex) of a source file's bytes, and of the Cython declarations beside it (an
+    augmenting ``X.pxd`` next to ``X.py``: its types are part of what the extension was built
+    from, so editing it makes the build stale too)."""
+    p = Path(path)
+    h = hashlib.sha256(p.read_bytes())
+    pxd = p.with_suffix(".pxd")
+    if p.suffix == ".py" and pxd.is_file():
+        h.update(b"\0pxd\0" + pxd.read_bytes())
+    return h.hexdigest()
 
 
 def pure_requested(environ: Any = None) -> frozenset[str] | bool:
@@ -210,7 +228,37 @@ def decide(core_dir: Path = CORE_DIR, environ: Any = None) -> BuildInfo:
             info.stale.append(name)  # no record of its source, or the source changed since
         else:
             info.compiled.append(name)
+    # a compiled module whose .pxd cimports another (its extension type, its C functions) can
+    # only run compiled beside that one's build: when that one runs as Python, so must it
+    # (pure if that one was asked to be, else stale), and so on down the chain
+    deps = {rel: cimported(core_dir, rel) for rel in COMPILED}
+    changed = True
+    while changed:
+        changed = False
+        for rel in COMPILED:
+            name = module_name(rel)
+            if name not in info.compiled:
+                continue
+            python = [module_name(d) for d in deps[rel] if module_name(d) not in info.compiled]
+            if python:
+                info.compiled.remove(name)
+                forced = all(d in info.forced_pure for d in python)
+                (info.forced_pure if forced else info.stale).append(name)
+                changed = True
     return info
+
+
+_CIMPORT = re.compile(r"^\s*from\s+ptlab\.core\.([\w.]+)\s+cimport\b", re.M)
+
+
+def cimported(core_dir: Path, rel: str) -> set[str]:
+    """The modules of COMPILED whose declarations ``rel``'s .pxd cimports (``from
+    ptlab.core.machine.mm cimport Machine`` -> ``machine/mm``)."""
+    pxd = core_dir / f"{rel}.pxd"
+    if not pxd.is_file():
+        return set()
+    found = {m.replace(".", "/") for m in _CIMPORT.findall(pxd.read_text())}
+    return found & set(COMPILED)
 
 
 def install(core_dir: Path = CORE_DIR) -> BuildInfo:

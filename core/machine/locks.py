@@ -460,7 +460,8 @@ class FolioLocks(FolioLocksBase):
     wake_t_base)``: offsets of the per-frame arrays; ``wake`` is bumped by every folio_unlock()
     (the WQ_FLAG_WOKEN of a waiter), ``wake_done``/``wake_t`` are the lost wake-up check's
     per-folio "wake done" seq and time.  folio_trylock/folio_lock/folio_unlock are one C call
-    each (_prims.FolioLocksBase) on the process backend's Region; a sleep is
+    each (_prims.FolioLocksBase) on the process backend's Region, and so are
+    ``folio_trylock_many``/``folio_unlock_many`` for a batch (a collapse's old folios); a sleep is
     ``_folio_lock_slow`` and an unlock with waiters ``_wake_waiters``, in Python.  On any other
     region they run the ``_py_*`` methods below, the same steps as Region calls.
     """
@@ -516,6 +517,18 @@ class FolioLocks(FolioLocksBase):
         seq = r.fetch_add32(self.wake + pfn * 4, 1) + 1
         if r.load32(self.waiters + pfn * 4):
             self._wake_waiters(cpu, pfn, seq)
+
+    def _py_folio_trylock_many(self, cpu: CpuContext, pfns: list[int]) -> int:
+        """folio_trylock_many() off the process backend: folio_trylock() of each in turn, up to
+        the first that fails; returns how many were taken."""
+        for k, pfn in enumerate(pfns):
+            if not self.folio_trylock(cpu, pfn):
+                return k
+        return len(pfns)
+
+    def _py_folio_unlock_many(self, cpu: CpuContext, pfns: list[int]) -> None:
+        for pfn in pfns:
+            self.folio_unlock(cpu, pfn)
 
     def _wake_waiters(self, cpu: CpuContext, pfn: int, seq: int) -> None:
         """folio_wake_bit(folio, PG_locked), then "wake done" for the lost wake-up check."""

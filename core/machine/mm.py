@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ptlab.core.machine._prims import Region
+from ptlab.core.machine._prims import Buddy, Region
 from ptlab.core.machine.config import HPAGE_PMD_ORDER, PTRS_PER_PTE, RunConfig
 from ptlab.core.machine.errors import Stopped
 from ptlab.core.machine.layout import (
@@ -104,6 +104,16 @@ class Machine:
         self._epochs_base = L.epochs_base
         self._nr_frames = L.nr_frames
         self._vma_offs = [L.vma(i) for i in range(MAX_VMAS)]
+        # The buddy lists' work in one C call per operation (_prims.Buddy: the word steps of
+        # _buddy_add/_buddy_del and of the loops in alloc_folio/free_folio, in their order) when
+        # all three segments are the process backend's Regions; on any other (the scheduled
+        # backend's) the Python steps run, so its schedule space is unchanged
+        segs = (self.ctl, self.folio, self.frames)
+        self._buddy = None
+        if all(type(r) is Region for r in segs):
+            o = self.off
+            self._buddy = Buddy(*segs, tuple(o[k] for k in ("head", "order", "flags", "next_free", "prev_free", "refcount", "mapcount", "pincount", "lock_owner")),
+                                FREE_HEADS, NR_FREE, L.nr_frames, MAX_ORDER, L.page_size, PG_BUDDY, PG_LOCKED, PG_ANON | PG_LRU, POISON_FREE)
         # locks
         self.mmap_lock = RwSem(self.ctl, L.named_lock("mmap_lock"), "mmap_lock", 0)
         self.anon_vma = RwSem(self.ctl, L.named_lock("anon_vma"), "anon_vma", 1)
@@ -206,6 +216,10 @@ class Machine:
     def vma_range(self, i: int) -> tuple[int, int, int]:
         o = self._vma_offs[i]
         return self.ctl.load64(o + VMA_START), self.ctl.load64(o + VMA_END), self.ctl.load64(o + VMA_FLAGS)
+
+    def vma_flags(self, i: int) -> int:
+        """vma->vm_flags of VMA slot i."""
+        return self.ctl.load64(self._vma_offs[i] + VMA_FLAGS)
 
     def find_vma(self, vpn: int) -> int:
         """The VMA containing vpn, or -1 (a lockless lookup, like the maple tree under RCU)."""
@@ -428,6 +442,9 @@ class Machine:
         "refcount")), in that order — the order of the per-folio calls it replaces."""
         k = len(fields)
         h4 = np.asarray(heads, dtype=np.int64) * 4
+        if k == 1:  # one count per folio (isolation's folio_get()): the offsets are one add
+            self.folio.fetch_add32_each(h4 + self.off[fields[0]], np.asarray(deltas, dtype=np.int64))
+            return
         offs = np.empty(len(h4) * k, dtype=np.int64)
         for j, name in enumerate(fields):
             offs[j::k] = self.off[name] + h4
@@ -509,25 +526,25 @@ class Machine:
         cpu.charge("alloc_page")
         if order:
             cpu.charge("alloc_large_per_page", (1 << order) - 1)
+        buddy = self._buddy
         zone_lock = lock_or_skip(cpu, "mutant-alloc-no-zone-lock", self.zone_lock)
         zone_lock.lock(cpu)  # excludes other allocators/freers: the free lists are plain words
         try:
-            o = order
-            while o <= MAX_ORDER and self.ctl.load32(FREE_HEADS + 4 * o) < 0:
-                o += 1
-            if o > MAX_ORDER:
-                return -1
-            pfn = self.ctl.load32(FREE_HEADS + 4 * o)
-            if cpu.hooks:  # a park point for tests/test_mutants.py (no chaos delay here)
-                cpu.chaos("alloc_after_head_read")
-            self._list_del_entry_valid(cpu, pfn, o)
-            self._buddy_del(pfn, o)
-            while o > order:  # split, giving the upper halves back
-                o -= 1
-                self._buddy_add(pfn + (1 << o), o)
-            self.ctl.fetch_add32(NR_FREE, -(1 << order))
+            # the list work below in one C call; -2: its __list_del_entry_valid() failed (nothing
+            # changed), and the Python steps record it; a CPU with test hooks parks in them
+            pfn = -2 if buddy is None or cpu.hooks else buddy.alloc(order)
+            if pfn == -2:
+                pfn = self._rmqueue(cpu, order)
         finally:
             zone_lock.unlock(cpu)
+        if pfn < 0:
+            return -1
+        if buddy is not None:
+            # the steps below in one C call (the poison check before the clearing)
+            bad = buddy.prep_new(pfn, order, zero)
+            if bad >= 0:
+                self._poison_violation(cpu, pfn, bad)
+            return pfn
         n = 1 << order
         f, rf, p4 = self.f, self._rf, pfn * 4
         if n == 1:
@@ -543,19 +560,47 @@ class Machine:
         wpp = self.words_per_page
         bad = self.frames.find_not64(pfn * self.page_size, n * wpp, POISON_FREE)
         if bad >= 0:
-            page, word = pfn + bad // wpp, bad % wpp
-            who = f"CPU {word}" if word < 256 else f"DMA of CPU {word - 256}"
-            cpu.violation(
-                "use_after_free",
-                page=page,
-                detail=f"freed frame {page} was written after free (word {word}: {who}) — a stale TLB entry or pin",
-            )
+            self._poison_violation(cpu, pfn, bad)
         if zero:
             self.frames.fill64(pfn * self.page_size, n * wpp, 0)
         return pfn
 
+    def _rmqueue(self, cpu: CpuContext, order: int) -> int:
+        """rmqueue() -> __rmqueue_smallest() under zone->lock (the caller holds it): the smallest
+        free block of at least ``order`` off its list, split down to ``order`` (the upper halves
+        go back), or -1 when none is large enough."""
+        o = order
+        while o <= MAX_ORDER and self.ctl.load32(FREE_HEADS + 4 * o) < 0:
+            o += 1
+        if o > MAX_ORDER:
+            return -1
+        pfn = self.ctl.load32(FREE_HEADS + 4 * o)
+        if cpu.hooks:  # a park point for tests/test_mutants.py (no chaos delay here)
+            cpu.chaos("alloc_after_head_read")
+        self._list_del_entry_valid(cpu, pfn, o)
+        self._buddy_del(pfn, o)
+        while o > order:  # split, giving the upper halves back
+            o -= 1
+            self._buddy_add(pfn + (1 << o), o)
+        self.ctl.fetch_add32(NR_FREE, -(1 << order))
+        return pfn
+
+    def _poison_violation(self, cpu: CpuContext, pfn: int, bad: int) -> None:
+        """Word ``bad`` of the new folio at ``pfn`` had lost its free poison."""
+        wpp = self.words_per_page
+        page, word = pfn + bad // wpp, bad % wpp
+        who = f"CPU {word}" if word < 256 else f"DMA of CPU {word - 256}"
+        cpu.violation(
+            "use_after_free",
+            page=page,
+            detail=f"freed frame {page} was written after free (word {word}: {who}) — a stale TLB entry or pin",
+        )
+
     def free_folio(self, cpu: CpuContext, head: int) -> None:
         """Free a folio whose refcount reached zero: poison it and give it to the buddy lists."""
+        if self._buddy is not None and self._buddy.free_prepare((head,)):
+            self._free_prepared(cpu, [head])  # the steps below, in two C calls
+            return
         order = self.folio_order(head)
         flags = self.folio_flags(head)
         if flags & PG_BUDDY:
@@ -591,6 +636,59 @@ class Machine:
             self.ctl.fetch_add32(NR_FREE, n)
         finally:
             zone_lock.unlock(cpu)
+
+    def _free_prepared(self, cpu: CpuContext, heads: list[int]) -> None:
+        """free_folio()'s part under zone->lock for folios Buddy.free_prepare() poisoned, in one
+        C call and one zone->lock hold (free_pcppages_bulk())."""
+        zone_lock = lock_or_skip(cpu, "mutant-alloc-no-zone-lock", self.zone_lock)
+        zone_lock.lock(cpu)  # the buddy lists
+        try:
+            self._buddy.free(heads)  # type: ignore[union-attr]
+        finally:
+            zone_lock.unlock(cpu)
+
+    def folios_put(self, cpu: CpuContext, heads: list[int]) -> None:
+        """folios_put(): folio_put() of each folio in turn.  On the process backend the folios
+        whose count reaches zero are freed as one batch once all are put, as the kernel's
+        free_unref_folios() does through the per-CPU lists: free_pages_prepare() of each (checks,
+        poison), then the buddy lists under one zone->lock hold (free_pcppages_bulk()).  A folio
+        that fails free_folio()'s checks goes through free_folio(), which records it."""
+        buddy = self._buddy
+        if buddy is None:  # the scheduled backend: the per-folio steps
+            for head in heads:
+                self.folio_put(cpu, head)
+            return
+        zero, under = buddy.put(heads)
+        for head, left in under:
+            cpu.violation("refcount_underflow", page=head, detail=f"folio {head} refcount went to {left}")
+        while zero:
+            k = buddy.free_prepare(zero)
+            if k:
+                self._free_prepared(cpu, zero[:k])
+            if k < len(zero):
+                self.free_folio(cpu, zero[k])  # the Python steps: they record what is wrong with it
+            zero = zero[k + 1 :]
+
+    def release_locked_folios(self, cpu: CpuContext, heads: list[int], clear: int) -> None:
+        """For folios this CPU holds locked: clear the flag bits ``clear`` (a plain
+        read-modify-write under the folio lock), folio_unlock() (waking its waiters) and
+        folio_put() — __collapse_huge_page_copy_succeeded()'s release_pte_folio() and
+        free_folio_and_swap_cache() of each old folio.  On the process backend the puts come
+        after all the unlocks, as one folios_put() (the frees are batched through the per-CPU
+        lists in the kernel too); on the scheduled backend each folio in turn, as before."""
+        fl = self.folio_locks
+        if self._buddy is None:
+            for head in heads:
+                self.folio_clear_flag_locked(head, clear)
+                fl.folio_unlock(cpu, head)
+                self.folio_put(cpu, head)
+            return
+        if heads:
+            flags = self.f["flags"]
+            h = np.asarray(heads, dtype=np.int64)
+            flags[h] &= ~clear
+        fl.folio_unlock_many(cpu, heads)
+        self.folios_put(cpu, heads)
 
     def nr_free(self) -> int:
         return self.ctl.load32(NR_FREE)

@@ -146,7 +146,7 @@ _REGISTRY: list[Mutant] = [
         "no path detaches a PTE table that a fault can have read: pmd-clear excludes faults (mmap_lock for write, the VMA write-locked), zap_huge_pmd() frees only the table deposited behind a huge PMD, which a fault never walks, and pmd_install() frees only its own unpublished table"),
     _m("mutant-migration-install-no-recheck", "remove_migration_ptes(): replace only our own migration entries (pte_same under the PTL)", "migration_entry.collapse()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
     _eq("mutant-zap-no-pmd-recheck", "zap_pte_range()'s PMD re-check under the PTL", "paths.zap_range()",
-        "only pmd-clear detaches a table a zap can have read, and it holds mmap_lock for write, which MADV_DONTNEED's mmap_read_lock excludes"),
+        "only pmd-clear detaches a table a zap can have read, and it holds mmap_lock for write and the VMA's write lock, which exclude MADV_DONTNEED's VMA read lock and its mmap_read_lock fallback"),
     # ---------------------------------------------------------------- refcount / pin checks
     _m("migration-no-refcheck", "the expected-refcount check after the unmap (folio_maybe_dma_pinned)", "migration_entry.collapse()", LOST_DMA, Cell("migration-entry", cpus="pin", pin_hold_us=PIN_HOLD_US, stress_target="collapse")),
     _m("migration-refcheck-before-unmap", "the refcount check placed after clear + flush (A1 -> A2), weakened to before the unmap", "migration_entry.collapse()", LOST_DMA, Cell("migration-entry", cpus="pin", pin_hold_us=PIN_HOLD_US, stress_target="collapse")),
@@ -167,7 +167,7 @@ _REGISTRY: list[Mutant] = [
     _m("mutant-gup-slow-no-mmap-lock", "mmap_read_lock() of __get_user_pages() (keeps the VMA and page-table tree stable)", "paths.gup_slow()", MAPPING + LOST_DMA, Cell("pmd-clear", cpus="slow", pin_hold_us=PIN_HOLD_US, stress_target="collapse")),
     _m("mutant-gup-slow-no-ptl", "the PTL of follow_page_pte()", "paths.gup_slow()", LOST_DMA, Cell("ptl-hold", cpus="slow", pin_hold_us=PIN_HOLD_US, stress_target="collapse")),
     _m("mutant-zap-no-ptl", "the PTL of zap_pte_range(): PTEs change only under it", "paths.zap_range()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
-    _eq("mutant-zap-no-mmap-lock", "MADV_DONTNEED's mmap_read_lock()", "paths.zap_range()",
+    _eq("mutant-zap-no-mmap-lock", "MADV_DONTNEED's VMA read lock (lock_vma_under_rcu()) or its mmap_read_lock() fallback", "paths.zap_range()",
         "every mmap_lock writer that changes the entries a zap works on does it under the PTL (mprotect/munmap of a VMA, zap_pte_range() itself) or clears the PMD before taking the PTL (pmd-clear), and zap_pte_range() takes the PTL and re-checks the PMD under it; no page table is freed under a zap (zap_huge_pmd() frees only a huge PMD's deposit, under the PMD lock)"),
     _m("mutant-migration-unmap-no-ptl", "the PTL around the unmap (installing the migration entries)", "migration_entry.collapse()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
     _m("mutant-migration-install-no-ptl", "the PTL of remove_migration_ptes()", "migration_entry.collapse()", MAPPING, Cell("migration-entry", cpus="zap", stress_target="collapse")),
