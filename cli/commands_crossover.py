@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
 
 def crossover(
-    preset_name: Annotated[str, typer.Option("--preset", metavar="[reference|quick]", help="The grid: reference (the committed sweep: 201 cells, 13 min on 2 quiet cores) or quick (28 small cells, seconds).")] = "reference",
+    preset_name: Annotated[str, typer.Option("--preset", metavar="[reference|quick]", help="The grid: reference (the committed sweep: 201 cells, about 8 min on 2 cores) or quick (28 small cells, seconds).")] = "reference",
     order: Annotated[list[str] | None, typer.Option("--order", metavar="ORDERS", help=f"Replace the preset's orders (2..8). {_LIST}", show_default=False)] = None,
     app_cpus: Annotated[list[str] | None, typer.Option("--app", metavar="COUNTS", help=f"Replace the preset's faulting CPU counts (1..124). {_LIST}", show_default=False)] = None,
     ptl: Annotated[list[str] | None, typer.Option("--ptl", metavar="MODES", help=f"Replace the preset's PTL modes (split, mm). {_LIST}", show_default=False)] = None,
