@@ -531,8 +531,10 @@ class Machine:
         zone_lock.lock(cpu)  # excludes other allocators/freers: the free lists are plain words
         try:
             # the list work below in one C call; -2: its __list_del_entry_valid() failed (nothing
-            # changed), and the Python steps record it; a CPU with test hooks parks in them
-            pfn = -2 if buddy is None or cpu.hooks else buddy.alloc(order)
+            # changed), and the Python steps record it; a CPU with test hooks parks in them, and
+            # with --chaos they run step by step with a race point between reading the list head
+            # and unlinking it (one C call would leave a racer no window to meet)
+            pfn = -2 if buddy is None or cpu.hooks or cpu.chaos_on else buddy.alloc(order)
             if pfn == -2:
                 pfn = self._rmqueue(cpu, order)
         finally:
@@ -575,7 +577,7 @@ class Machine:
         if o > MAX_ORDER:
             return -1
         pfn = self.ctl.load32(FREE_HEADS + 4 * o)
-        if cpu.hooks:  # a park point for tests/test_mutants.py (no chaos delay here)
+        if cpu.hooks or cpu.chaos_on:  # a park point for tests/test_mutants.py, a race point for --chaos
             cpu.chaos("alloc_after_head_read")
         self._list_del_entry_valid(cpu, pfn, o)
         self._buddy_del(pfn, o)
